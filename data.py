@@ -1,0 +1,218 @@
+"""The problems and the prompt: what train.py and eval.py both need to turn benchmark files into model prompts.
+
+- read_problems: one JSONL file -> [{"id", "problem", "answer"}], accepting the usual field variants (question/problem,
+  answer/final_answer/answers, a solution with \\boxed{} or '#### N', verl rows such as DAPO's).
+- resolve_data: a data set name or path -> a local JSONL file. A known name missing locally is fetched once from the
+  Hugging Face hub into ~/.cache/pte/data, converted to our shape.
+- chat_family / format_prompt: each model's chat template hand-written in Python (no jinja2 at run time);
+  tests/test_data.py proves each equal to what the model's own jinja template renders.
+
+Prompt (SPEC section 6, the Qwen2.5-Math CoT convention): one user message
+`{problem}\\nPlease reason step by step, and put your final answer within \\boxed{}.`, no system message of our own
+(the template adds its default one, as apply_chat_template does), then the generation prompt.
+Departures: hub copies of the sets in ../shared/data come from other mirrors than those files (KNOWN) and may differ in
+a few rows; the hub's AIME 1983-2024 file loses its 2024 rows, which are the aime24 eval set.
+"""
+import csv
+import json
+import os
+from pathlib import Path
+
+SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+TEMPLATES = {  # family -> its chat template rendered for one user message `{}` with add_generation_prompt=True
+    "qwen2.5": "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+               "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+    "chatml": "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+              "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",  # SmolLM2 adds its system turn when none
+    "r1": "<｜begin▁of▁sentence｜><｜User｜>{}<｜Assistant｜><think>\n",  # the template itself emits the BOS token
+}
+FAMILY_MARKS = (  # (family, text that only that family's jinja template holds)
+    ("r1", "<｜Assistant｜><think>"),  # R1 templates from before Feb 2025 lack <think>: unknown, not silently wrong
+    ("qwen2.5", "You are Qwen, created by Alibaba Cloud."),
+    ("chatml", "named SmolLM"),
+)
+MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                 "prealgebra", "precalculus")
+KNOWN = {  # name -> (Hugging Face dataset repo, its files that together make the set)
+    "math500": ("HuggingFaceH4/MATH-500", ("test.jsonl",)),
+    "aime24": ("HuggingFaceH4/aime_2024", ("data/train-00000-of-00001.parquet",)),
+    "aime25": ("math-ai/aime25", ("test.jsonl",)),
+    "amc23": ("math-ai/amc23", ("test-00000-of-00001.parquet",)),
+    "minerva": ("math-ai/minervamath", ("test.jsonl",)),
+    "olympiadbench": ("Hothan/OlympiadBench", ("OlympiadBench/OE_TO_maths_en_COMP/OE_TO_maths_en_COMP.parquet",)),
+    "gsm8k": ("openai/gsm8k", ("main/test-00000-of-00001.parquet",)),
+    "math_train": ("EleutherAI/hendrycks_math", tuple(f"{s}/train-00000-of-00001.parquet" for s in MATH_SUBJECTS)),
+    "aime_train": ("di-zhang-fdu/AIME_1983_2024", ("AIME_Dataset_1983_2024.csv",)),
+    "dapo-math-17k": ("BytedTsinghua-SIA/DAPO-Math-17k", ("data/dapo-math-17k.parquet",)),
+}
+DAPO_WRAP = (  # DAPO wraps each problem in its own 'Answer:' instruction; we use the \boxed{} one instead
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n",
+    '\n\nRemember to put your answer on its own line after "Answer:".')
+
+
+def _answer(row: dict) -> str | list[str] | None:
+    """The reference answer: the `answers` alternatives win, then answer/final_answer, then the solution's."""
+    alternatives = row.get("answers")
+    if isinstance(alternatives, list) and alternatives and all(isinstance(a, str) and a.strip() for a in alternatives):
+        return [a.strip() for a in alternatives]
+    value = row.get("answer", row.get("final_answer"))
+    if isinstance(value, list):  # OlympiadBench: the parts of one "find all" answer
+        value = ", ".join(map(str, value))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str) and "####" in value:  # GSM8K's own format: worked solution, then '#### 72'
+        from grade import extract_answer  # lazy: only these rows need the grader
+        value = extract_answer(value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(row.get("solution"), str):
+        from grade import extract_answer
+        return extract_answer(row["solution"])
+    return None
+
+
+def to_problem(row, default_id: str) -> dict:
+    """One source row (any field variant, keys case-insensitive) -> {"id", "problem", "answer"}; ValueError if unusable."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    row = {k.lower(): v for k, v in row.items()}
+    if isinstance(row.get("prompt"), list) and isinstance(row.get("reward_model"), dict):  # verl rows (DAPO)
+        text = str(row["prompt"][-1].get("content", "")) if row["prompt"] else ""
+        row = {**row, "problem": text.removeprefix(DAPO_WRAP[0]).removesuffix(DAPO_WRAP[1]),
+               "answer": row["reward_model"].get("ground_truth")}
+    problem = next((row[k] for k in ("problem", "question") if isinstance(row.get(k), str) and row[k].strip()), None)
+    if problem is None:
+        raise ValueError("no problem text (field 'problem' or 'question')")
+    answer = _answer(row)
+    if not answer:
+        raise ValueError("no answer (field 'answer', 'final_answer' or 'answers', or a 'solution' holding \\boxed{} "
+                         "or '#### N')")
+    ident = next((str(row[k]) for k in ("id", "unique_id") if row.get(k) not in (None, "")), default_id)
+    return {"id": ident, "problem": problem.strip(), "answer": answer}
+
+
+def read_problems(path) -> list[dict]:
+    """JSONL -> [{"id": str, "problem": str, "answer": str | list[str]}]; a list holds equally right alternatives.
+    A row without an id gets "<file stem>/<line>". Errors name the file and the 1-based line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no problem file at {path}")
+    problems, ids = [], set()
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                problem = to_problem(json.loads(line), f"{path.stem}/{n}")
+            except ValueError as e:  # json.JSONDecodeError is a ValueError too
+                raise ValueError(f"{path}, line {n}: {e}") from None
+            if problem["id"] in ids:  # eval keys its per-sample outputs by id
+                raise ValueError(f"{path}, line {n}: id {problem['id']!r} appears twice")
+            ids.add(problem["id"])
+            problems.append(problem)
+    if not problems:
+        raise ValueError(f"{path} holds no problems")
+    return problems
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pte" / "data"
+
+
+def _read_rows(path: str) -> list[dict]:
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f)) if path.endswith(".csv") else [json.loads(line) for line in f if line.strip()]
+
+
+def _fetch(name: str, target: Path) -> None:
+    """Download KNOWN[name] from the hub and write it to `target` as our JSONL, dropping unusable and repeated rows
+    (DAPO-Math-17k's parquet repeats each problem many times)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):  # huggingface_hub reads it only when first imported
+        raise OSError("HF_HUB_OFFLINE is set")
+    repo, files = KNOWN[name]
+    if any(f.endswith(".parquet") for f in files):
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise ImportError("its files are parquet, which needs pyarrow (pip install pyarrow)") from None
+    from huggingface_hub import hf_hub_download
+    rows = [row for file in files for row in _read_rows(str(hf_hub_download(repo, file, repo_type="dataset")))]
+    problems, seen = [], set()
+    for i, row in enumerate(rows):
+        if int(row.get("Year") or 0) >= 2024:  # AIME 1983-2024: 2024 is the aime24 eval set, keep it out of training
+            continue
+        try:
+            problem = to_problem(row, f"{name}/{i}")
+        except ValueError:  # e.g. MATH train rows whose solution has no \boxed{}
+            continue
+        if problem["problem"] not in seen:
+            seen.add(problem["problem"])
+            problems.append(problem)
+    if not problems:
+        raise ValueError(f"no usable rows in {repo}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_suffix(".part")
+    part.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in problems), encoding="utf-8")
+    part.replace(target)  # a half-written file must never look like a cached data set
+
+
+def resolve_data(name_or_path, data_dir=None) -> Path:
+    """A path to an existing .jsonl as is; a name -> {data_dir}/{name}.jsonl (data_dir: $PTE_DATA, else data/), else
+    the hub copy of a KNOWN name cached in ~/.cache/pte/data (fetched once). FileNotFoundError says where to put it."""
+    given = Path(name_or_path)
+    if given.is_file():
+        return given
+    if given.suffix == ".jsonl":
+        raise FileNotFoundError(f"no data file at {given}")
+    name = str(name_or_path)
+    local = Path(data_dir or os.environ.get("PTE_DATA") or "data") / f"{name}.jsonl"
+    if local.is_file():
+        return local
+    if name not in KNOWN:
+        raise FileNotFoundError(f"no data file at {local}, and {name!r} is not a known data set "
+                                f"({', '.join(KNOWN)}): pass a .jsonl path or put the file there")
+    cached = cache_dir() / f"{name}.jsonl"
+    if not cached.is_file():
+        repo, files = KNOWN[name]
+        try:
+            _fetch(name, cached)
+        except Exception as e:  # no huggingface_hub or pyarrow, offline, hub error: all end in the same advice
+            raise FileNotFoundError(
+                f"data set {name!r} is not at {local}: put a JSONL file there (one {{\"id\", \"problem\", \"answer\"}} "
+                f"object a line), or let it be fetched from the Hugging Face hub dataset {repo} ({', '.join(files)}) "
+                f"into {cached}, which needs huggingface_hub and network access. Fetching failed: "
+                f"{type(e).__name__}: {e}") from e
+    return cached
+
+
+def chat_family(model_dir) -> str | None:
+    """'qwen2.5' | 'chatml' (SmolLM2) | 'r1' (DeepSeek-R1-Distill) | None (no chat template: raw prompts, our toy),
+    from the folder's tokenizer_config.json (or chat_template.jinja, where newer transformers save it)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"no model folder at {model_dir}")
+    config = model_dir / "tokenizer_config.json"
+    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    if not template and (model_dir / "chat_template.jinja").is_file():
+        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    if not template:
+        return None
+    family = next((family for family, mark in FAMILY_MARKS if mark in template), None)
+    if family is None:
+        raise ValueError(f"{model_dir}: chat template of no known family ({', '.join(TEMPLATES)}); hand-write it "
+                         "in data.TEMPLATES with a parity test")
+    return family
+
+
+def format_prompt(problem: str, family: str | None) -> str:
+    """The prompt text (encode it with add_special_tokens=False): the chat template around one user message
+    `{problem}` + SUFFIX, then the generation prompt. family None: `problem` unchanged, no suffix."""
+    if family is None:
+        return problem
+    if family not in TEMPLATES:
+        raise ValueError(f"unknown chat family {family!r}; known: {', '.join(TEMPLATES)} or None")
+    return TEMPLATES[family].format(problem + SUFFIX)

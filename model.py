@@ -1,0 +1,318 @@
+"""The decoder-only transformer of the Qwen2/Qwen2.5 and Llama/Llama-3 families, and its loader.
+
+One module, written to be read next to SPEC section 1: RMSNorm in fp32, rotate-half RoPE (Hugging Face
+layout, with Llama-3 frequency scaling), grouped-query attention, SwiGLU, q/k/v bias when the checkpoint
+has one, tied or untied `lm_head`. Two hooks make it the base of everything else without subclassing:
+- `cache`: any object with `update(layer, k, v) -> (keys, values)` and `mask` (B, 1, T, S); keys arrive
+  after RoPE at absolute positions (cache.py has the ring buffer of generation and the replay view of training);
+- `adapter` + `cores`: per-layer low-rank updates added to the chosen linears (encoder.py); `cores` is the
+  thought encoder's state S, one (B, r, r) matrix per layer, or None for plain LoRA.
+`load()` reads Hugging Face folders (one safetensors file or shards) by path or by registry name, and fails
+with a message that names the problem. Departure from `transformers`: none intended; tests prove parity.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    rms_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # llama3: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    qkv_bias: bool
+    o_bias: bool
+    tie_embeddings: bool
+    eos_ids: tuple = ()
+
+    @property
+    def kv_dim(self):
+        return self.n_kv_heads * self.head_dim
+
+
+SUPPORTED = ("qwen2", "llama")
+
+
+def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
+    """Translate a Hugging Face config.json (old `rope_theta` or new `rope_parameters` form) and refuse what we do not implement."""
+    kind = hf.get("model_type")
+    if kind not in SUPPORTED:
+        raise ValueError(f"{where}: model_type {kind!r} is not supported; supported: {', '.join(SUPPORTED)} (Qwen2/Qwen2.5, Llama/Llama-3)")
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias") or hf.get("use_sliding_window"):
+        raise ValueError(f"{where}: unsupported option (hidden_act other than silu, mlp_bias or use_sliding_window)")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling and scaling.get("rope_type", scaling.get("type")) != "llama3":
+        raise ValueError(f"{where}: rope scaling {scaling.get('rope_type')!r} is not supported (only llama3)")
+    try:
+        heads = hf["num_attention_heads"]
+        eos = hf.get("eos_token_id")
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
+            n_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            ffn_dim=hf["intermediate_size"], rms_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
+            qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias")), o_bias=kind == "llama" and bool(hf.get("attention_bias")),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            eos_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []))
+    except KeyError as e:
+        raise ValueError(f"{where}: missing key {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- layers
+
+def rms_norm(x, weight, eps):
+    # statistics in fp32, cast back before the weight, exactly as transformers does
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)  # (D/2,)
+    s = cfg.rope_scaling
+    if s:  # Llama-3: slow down low frequencies by `factor`, keep high ones, interpolate between
+        wavelen = 2 * math.pi / inv_freq
+        low_wl = s["original_max_position_embeddings"] / s["low_freq_factor"]
+        high_wl = s["original_max_position_embeddings"] / s["high_freq_factor"]
+        smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+        mid = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+        inv_freq = torch.where(wavelen > low_wl, inv_freq / s["factor"], torch.where(wavelen < high_wl, inv_freq, mid))
+    return inv_freq.float()
+
+
+def rope_cos_sin(inv_freq, positions, dtype):
+    """positions (B, T) int -> cos, sin (B, 1, T, D), computed in fp32 like transformers."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE: dims [0, D/2) pair with [D/2, D). Un-rotate with `apply_rope(x, cos, -sin)`."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Block(nn.Module):
+    """One decoder layer. Parameter names follow Hugging Face so that checkpoints load by name."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        d, q_dim = cfg.dim, cfg.n_heads * cfg.head_dim
+        self.input_layernorm = nn.Module()
+        self.input_layernorm.weight = nn.Parameter(torch.ones(d))
+        self.post_attention_layernorm = nn.Module()
+        self.post_attention_layernorm.weight = nn.Parameter(torch.ones(d))
+        self.self_attn = nn.ModuleDict(dict(
+            q_proj=nn.Linear(d, q_dim, bias=cfg.qkv_bias), k_proj=nn.Linear(d, cfg.kv_dim, bias=cfg.qkv_bias),
+            v_proj=nn.Linear(d, cfg.kv_dim, bias=cfg.qkv_bias), o_proj=nn.Linear(q_dim, d, bias=cfg.o_bias)))
+        self.mlp = nn.ModuleDict(dict(
+            gate_proj=nn.Linear(d, cfg.ffn_dim, bias=False), up_proj=nn.Linear(d, cfg.ffn_dim, bias=False),
+            down_proj=nn.Linear(cfg.ffn_dim, d, bias=False)))
+
+    def linear(self, group, name, x, adapter, core):
+        y = group[name + "_proj"](x)
+        return y if adapter is None or name not in adapter.targets else y + adapter.delta(self.layer, name, x, core)
+
+    def forward(self, x, cos, sin, cache, adapter, core):
+        cfg, attn, mlp = self.cfg, self.self_attn, self.mlp
+        B, T, _ = x.shape
+        h = rms_norm(x, self.input_layernorm.weight, cfg.rms_eps)
+        q = self.linear(attn, "q", h, adapter, core).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.linear(attn, "k", h, adapter, core).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.linear(attn, "v", h, adapter, core).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, D)
+        else:
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D): everything this chunk may see, itself included
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=True)  # (B, H, T, D)
+        x = x + self.linear(attn, "o", o.transpose(1, 2).reshape(B, T, -1), adapter, core)
+        h = rms_norm(x, self.post_attention_layernorm.weight, cfg.rms_eps)
+        gate_up = F.silu(self.linear(mlp, "gate", h, adapter, core)) * self.linear(mlp, "up", h, adapter, core)  # (B, T, F)
+        return x + self.linear(mlp, "down", gate_up, adapter, core)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.Module()
+        self.norm.weight = nn.Parameter(torch.ones(cfg.dim))
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def hidden(self, tokens, positions=None, cache=None, adapter=None, cores=None):
+        """tokens (B, T) -> final-normed hidden states (B, T, d). Without a cache, a causal forward from position 0."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        x = self.embed_tokens(tokens)  # (B, T, d)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, adapter, None if cores is None else cores[layer.layer])
+        return rms_norm(x, self.norm.weight, self.config.rms_eps)
+
+    def forward(self, tokens, positions=None, cache=None, adapter=None, cores=None):
+        return self.lm_head(self.hidden(tokens, positions, cache, adapter, cores))  # (B, T, V)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+def _hf(layers, dim, ffn, heads, kv, vocab, tied, theta, model_type="qwen2", eps=1e-6, scaling=None, eos=151645):
+    return dict(model_type=model_type, num_hidden_layers=layers, hidden_size=dim, intermediate_size=ffn,
+                num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied,
+                rope_theta=theta, rms_norm_eps=eps, rope_scaling=scaling, eos_token_id=eos)
+
+
+# name -> (Hugging Face repo, its config: the shapes of SPEC section 1, for random-weight models of real size)
+REGISTRY = {
+    "qwen2.5-0.5b": ("Qwen/Qwen2.5-0.5B-Instruct", _hf(24, 896, 4864, 14, 2, 151936, True, 1e6)),
+    "qwen2.5-1.5b": ("Qwen/Qwen2.5-1.5B-Instruct", _hf(28, 1536, 8960, 12, 2, 151936, True, 1e6)),
+    "qwen2.5-3b": ("Qwen/Qwen2.5-3B-Instruct", _hf(36, 2048, 11008, 16, 2, 151936, True, 1e6)),
+    "qwen2.5-7b": ("Qwen/Qwen2.5-7B-Instruct", _hf(28, 3584, 18944, 28, 4, 152064, False, 1e6)),
+    "r1-llama-8b": ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", _hf(
+        32, 4096, 14336, 32, 8, 128256, False, 5e5, "llama", 1e-5, eos=128001,
+        scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192))),
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", _hf(30, 576, 1536, 9, 3, 49152, True, 1e5, "llama", 1e-5, eos=2)),
+    "toy": (None, None),  # ships in this repository: toy/ (see toy.py)
+}
+TOY_DIR = Path(__file__).resolve().parent / "toy"
+
+
+def resolve(name_or_path) -> Path:
+    """A folder, else a registry name: the local Hugging Face cache, else a download when huggingface_hub is installed."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if name_or_path == "toy":
+        if not (TOY_DIR / "config.json").exists():
+            raise FileNotFoundError(f"the toy model is missing from {TOY_DIR}; rebuild it with: python toy.py build")
+        return TOY_DIR
+    if name_or_path not in REGISTRY:
+        if os.sep in str(name_or_path) or path.suffix:
+            raise FileNotFoundError(f"model folder not found: {path}")
+        raise ValueError(f"unknown model {name_or_path!r}: give a Hugging Face folder or one of {', '.join(REGISTRY)}")
+    repo = REGISTRY[name_or_path][0]
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub")
+    snapshots = sorted((hub / f"models--{repo.replace('/', '--')}" / "snapshots").glob("*/config.json"), key=os.path.getmtime)
+    if snapshots:
+        return snapshots[-1].parent
+    why = "huggingface_hub is not installed"
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except ImportError:
+        pass
+    except Exception as e:  # offline, gated, no disk: say so below instead of a hub stack trace
+        why = f"the download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    raise FileNotFoundError(f"model {name_or_path!r} ({repo}) is not on this machine and {why}.\n"
+                            f"Download it with:  huggingface-cli download {repo}\n"
+                            f"(or pass the path of a Hugging Face folder holding config.json and *.safetensors)")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+
+
+def read_config(folder: Path) -> ModelConfig:
+    cfg = config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
+    gen = folder / "generation_config.json"
+    if gen.exists():  # instruct models stop on more ids than config.json names (Qwen2.5: <|im_end|> and <|endoftext|>)
+        eos = _read_json(gen).get("eos_token_id")
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        cfg.eos_ids = tuple(dict.fromkeys((*cfg.eos_ids, *eos)))
+    return cfg
+
+
+def read_safetensors(folder: Path) -> dict:
+    """All tensors of one model.safetensors or of the shards that model.safetensors.index.json names."""
+    from safetensors import safe_open
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    tensors = {}
+    for name in files:
+        path = folder / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: shard named by the index is missing")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as e:
+            raise ValueError(f"{path}: unreadable safetensors file, truncated or corrupt? ({e})") from None
+    return tensors
+
+
+def load(name_or_path, dtype=None, device="cpu", random_weights=False) -> Transformer:
+    """A model by registry name or Hugging Face folder. dtype default: the checkpoint's on GPU, fp32 on CPU.
+    random_weights=True builds a registry model at its real shapes with random weights (benchmarks; no download)."""
+    device = torch.device(device)
+    if random_weights:
+        if REGISTRY.get(name_or_path, (None, None))[1] is None:
+            raise ValueError(f"random weights need a registry name with known shapes: {', '.join(k for k, v in REGISTRY.items() if v[1])}")
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = Transformer(config_from_hf(REGISTRY[name_or_path][1])).to(dtype or torch.bfloat16)
+            for p in model.parameters():
+                nn.init.normal_(p, std=0.02) if p.dim() > 1 else nn.init.ones_(p)
+        return model.eval().requires_grad_(False)
+    folder = resolve(name_or_path)
+    cfg = read_config(folder)
+    tensors = {k.removeprefix("model."): v for k, v in read_safetensors(folder).items() if "rotary_emb" not in k}
+    if "lm_head.weight" not in tensors:  # no separate head on disk: it is the embedding
+        cfg.tie_embeddings = True
+    if dtype is None:
+        dtype = next(iter(tensors.values())).dtype if device.type == "cuda" else torch.float32
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors and not (k == "lm_head.weight" and cfg.tie_embeddings)]
+    unexpected = [k for k in tensors if k not in expected]
+    wrong = [f"{k}: {tuple(v.shape)} on disk, {tuple(expected[k].shape)} expected" for k, v in tensors.items()
+             if k in expected and v.shape != expected[k].shape]
+    for what, names in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong)):
+        if names:
+            raise ValueError(f"{folder}: {len(names)} tensor(s) {what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(name_or_path):
+    """The `tokenizers` tokenizer of a model folder or registry name."""
+    from tokenizers import Tokenizer
+    path = resolve(name_or_path) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the model folder has no tokenizer.json")
+    return Tokenizer.from_file(str(path))

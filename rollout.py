@@ -1,0 +1,192 @@
+"""Rollouts under a cache policy (`generate`) and their training forward (`score`), SPEC section 4.
+
+`generate` prefills left-padded prompts and decodes all rows in lockstep into a preallocated RingCache,
+evicting on the fixed schedule of cache.py; under `pte` every eviction folds the evicted keys and values
+into the adapter's cores S. No autograd. It records the log-probability of each sampled token under
+softmax(logits / temperature) (top-p truncation is not renormalised into it, as in TRL and verl), so that
+`score` can reproduce it exactly.
+
+`score` replays prompt and completion under the same policy, one segment at a time: the prompt, then the
+runs of tokens between evictions (the first W long, then m each; `full` in chunks of m). Each segment is
+one forward of its tokens against the kept context (prompt + window) with its own S, under
+torch.utils.checkpoint: what stays in memory between segments is each segment's new keys and values, S and
+the log-probs; backward recomputes one segment at a time. Gradients are exact through the cache and the
+whole chain of S updates. Log-softmax and gather happen inside each segment, never over the whole sequence.
+"""
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from cache import ReplayCache, RingCache, attention_mask, evict_count, eviction_steps, thought_slots, unrotate
+
+POLICIES = ("full", "window", "pte")
+
+
+@dataclass
+class CachePolicy:
+    policy: str = "pte"
+    budget: int = 1024  # prompt + thought slots (`full` ignores it except for its chunk size)
+    evict: float = 0.25
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"cache policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+
+
+@dataclass
+class Rollout:
+    prompts: torch.Tensor  # (B, P) left-padded
+    prompt_lens: torch.Tensor  # (B,)
+    tokens: torch.Tensor  # (B, T) completions, pad after a row stopped
+    logprobs: torch.Tensor  # (B, T) fp32, log softmax(logits / temperature) of each sampled token
+    mask: torch.Tensor  # (B, T) bool, the completion's tokens (its EOS included)
+    truncated: torch.Tensor  # (B,) bool, stopped by the token limit, not by EOS
+    evictions: list  # thought indices t before whose write m tokens were evicted
+    stats: dict = field(default_factory=dict)
+
+
+def pad_prompts(prompts, pad_id, device):
+    """Token lists -> left-padded (B, P) tokens, lengths (B,), positions (B, P) with -1 at pads."""
+    if not prompts or min(map(len, prompts)) == 0:
+        raise ValueError("every prompt needs at least one token")
+    P = max(map(len, prompts))
+    tokens = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    positions = torch.arange(P, device=device) - (P - lens)[:, None]  # (B, P)
+    return tokens, lens, positions.masked_fill(positions < 0, -1)
+
+
+def _flat(x):
+    """(L, B, Hkv, m, D) -> (L, B, m, Hkv * D): all KV heads of a token concatenated, as the encoder reads them."""
+    L, B, H, m, D = x.shape
+    return x.permute(0, 1, 3, 2, 4).reshape(L, B, m, H * D)
+
+
+def _check(policy, adapter):
+    if policy.policy == "pte" and (adapter is None or not adapter.encodes):
+        raise ValueError("policy pte needs an adapter with a thought encoder (mode pte, global-0 or global-only)")
+
+
+def sample(logits, temperature, top_p, generator):
+    """logits (B, V) -> token (B,), its log-prob (B,) under softmax(logits / temperature); greedy at temperature 0."""
+    logp = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)  # (B, V)
+    if temperature == 0:
+        token = logp.argmax(-1)
+    else:
+        probs = logp.exp()
+        if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
+            sorted_p, order = probs.sort(-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0))
+        token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return token, logp.gather(-1, token[:, None])[:, 0]
+
+
+@torch.no_grad()
+def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, temperature=0.0, top_p=1.0,
+             eos_ids=None, pad_id=None, generator=None):
+    """Sample completions of token-list prompts under the cache policy. See Rollout for what comes back."""
+    _check(policy, adapter)
+    cfg, device, dtype = model.config, model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    eos = torch.tensor(list(eos_ids if eos_ids is not None else cfg.eos_ids) or [-1], device=device)
+    pad_id = pad_id if pad_id is not None else max(int(eos[0]), 0)
+    prompt, lens, positions = pad_prompts(prompts, pad_id, device)
+    B, P = prompt.shape
+    W = thought_slots(policy.policy, policy.budget, P, max_new)
+    m = evict_count(W, policy.evict)
+    cache = RingCache.allocate(cfg, B, P, W, dtype, device)
+    cores = adapter.initial_cores(B) if adapter is not None else None
+    t0 = time.perf_counter()
+    cache.write_prompt(positions)
+    logits = model.lm_head(model.hidden(prompt, positions.clamp(min=0), cache, adapter, cores)[:, -1])  # (B, V)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logprobs, masks, evictions, ratios, evicted = [], [], [], [], [], 0
+    for t in range(max_new):
+        token, logp = sample(logits, temperature, top_p, generator)
+        token = token.masked_fill(done, pad_id)
+        tokens.append(token), logprobs.append(logp), masks.append(~done)
+        done = done | torch.isin(token, eos)
+        if t == max_new - 1 or bool(done.all()):
+            break
+        if policy.policy != "full" and t - evicted == W:  # ring full: evict the oldest m before writing token t
+            k, v, pos = cache.evict(evicted, m)
+            evicted, _ = evicted + m, evictions.append(t)
+            if policy.policy == "pte":
+                cores, ratio = adapter.update_cores(cores, _flat(unrotate(k, pos, model.inv_freq)), _flat(v))
+                ratios.append(ratio)
+        cache.write_thought(t, lens + t)
+        logits = model.lm_head(model.hidden(token[:, None], (lens + t)[:, None], cache, adapter, cores)[:, -1])
+    seconds = time.perf_counter() - t0
+    mask = torch.stack(masks, 1)
+    stats = dict(seconds=seconds, tokens=int(mask.sum()), tokens_per_s=int(mask.sum()) / seconds, steps=len(tokens),
+                 cache_slots=P + W, cache_slots_used=cache.used, evictions=len(evictions),
+                 s_update_ratio=sum(ratios) / len(ratios) if ratios else None)
+    return Rollout(prompt, lens, torch.stack(tokens, 1), torch.stack(logprobs, 1), mask, ~done, evictions, stats)
+
+
+def token_logprobs(temperature):
+    """The default per-token value of `score`: log softmax(logits / T) of the target token."""
+    def fn(logits, targets, span):
+        return torch.log_softmax(logits.float() / (temperature or 1.0), -1).gather(-1, targets[..., None])[..., 0]
+    return fn
+
+
+def score(model, rollout: Rollout, policy: CachePolicy, adapter=None, temperature=0.0, use_checkpoint=True, token_fn=None):
+    """Replay the rollout under its policy, segment by segment; returns (B, T) log-probs of its tokens (with
+    autograd when enabled), or token_fn(logits (B, n, V), targets (B, n), span) -> (B, n) for each segment."""
+    _check(policy, adapter)
+    token_fn = token_fn or token_logprobs(temperature)
+    prompt, lens, tokens = rollout.prompts, rollout.prompt_lens, rollout.tokens
+    (B, P), T, dtype = prompt.shape, tokens.shape[1], model.embed_tokens.weight.dtype
+    positions = torch.arange(P, device=prompt.device) - (P - lens)[:, None]
+    positions = positions.masked_fill(positions < 0, -1)  # (B, P)
+    W = thought_slots(policy.policy, policy.budget, P, T)
+    m = evict_count(thought_slots("window", policy.budget, P, T) if policy.policy == "full" else W, policy.evict)
+    fed = T - 1  # the last token is scored but never fed
+    steps = eviction_steps(fed, W, m, policy.policy)
+    if policy.policy != "full" and steps != [t for t in rollout.evictions if t < fed]:
+        raise ValueError("the rollout's evictions do not match this policy's schedule: score it with the policy that generated it")
+    bounds = sorted({0, fed, *(steps if policy.policy != "full" else range(0, fed, m))})
+    run = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if use_checkpoint else (lambda f, *a: f(*a))
+
+    def forward(inputs, q_pos, key_pos, past_k, past_v, cores, last_only, span):
+        cache = ReplayCache(past_k, past_v, attention_mask(key_pos, q_pos, dtype))
+        h = model.hidden(inputs, q_pos.clamp(min=0), cache, adapter, cores)  # (B, n, d)
+        h = h[:, -1:] if last_only else h  # the prompt only predicts the first completion token
+        return torch.stack(cache.new_k), torch.stack(cache.new_v), token_fn(model.lm_head(h), tokens[:, span[0]:span[1]], span)
+
+    def prefill(cores):
+        empty = model.embed_tokens.weight.new_empty(model.config.n_layers, B, model.config.n_kv_heads, 0, model.config.head_dim)
+        return forward(prompt, positions, positions, empty, empty, cores, True, (0, 1))
+
+    def segment(a, b, lo_prev, lo, first, cores, prompt_k, prompt_v, *thought):
+        """Fed tokens [a, b); the window holds thought tokens [lo, a) after evicting [lo_prev, lo). `thought`: the
+        keys, then the values, of the earlier segments that hold tokens from lo_prev on, the first starting at `first`."""
+        ks = torch.cat([prompt_k[:, :, :, :0], *thought[:len(thought) // 2]], 3)  # (L, B, Hkv, n, D)
+        vs = torch.cat([prompt_v[:, :, :, :0], *thought[len(thought) // 2:]], 3)
+        if lo > lo_prev and policy.policy == "pte":  # this segment opens with an eviction: fold it into S
+            pos = lens[:, None] + torch.arange(lo_prev, lo, device=lens.device)  # (B, m)
+            k_e = unrotate(ks[:, :, :, lo_prev - first:lo - first], pos, model.inv_freq)
+            cores, _ = adapter.update_cores(cores, _flat(k_e), _flat(vs[:, :, :, lo_prev - first:lo - first]))
+        q_pos = lens[:, None] + torch.arange(a, b, device=lens.device)  # (B, n)
+        key_pos = torch.cat([positions, lens[:, None] + torch.arange(lo, b, device=lens.device)], 1)  # (B, P + b - lo)
+        past_k = torch.cat([prompt_k, ks[:, :, :, lo - first:a - first]], 3)  # (L, B, Hkv, P + a - lo, D)
+        past_v = torch.cat([prompt_v, vs[:, :, :, lo - first:a - first]], 3)
+        return (cores, *forward(tokens[:, a:b], q_pos, key_pos, past_k, past_v, cores, False, (a + 1, b + 1)))
+
+    cores = adapter.initial_cores(B) if adapter is not None else None
+    prompt_k, prompt_v, first_values = run(prefill, cores)
+    values, saved, lo = [first_values], [], 0  # saved: (first token, keys, values) of each thought segment
+    for a, b in zip(bounds, bounds[1:]):
+        lo_prev, lo = lo, lo + (m if a in steps else 0)
+        keep = [s for s in saved if s[0] + s[1].shape[3] > lo_prev]  # segments still holding tokens >= lo_prev
+        first = keep[0][0] if keep else a
+        cores, k, v, seg_values = run(partial(segment, a, b, lo_prev, lo, first), cores, prompt_k, prompt_v,
+                                      *[s[1] for s in keep], *[s[2] for s in keep])
+        saved.append((a, k, v))
+        values.append(seg_values)
+    return torch.cat(values, 1)  # (B, T)
