@@ -1,19 +1,16 @@
 """The problems and the prompt: what train.py and eval.py both need to turn benchmark files into model prompts.
 
-- read_problems: one JSONL file -> [{"id", "problem", "answer"}], accepting the usual field variants (question/problem,
-  answer/final_answer/answers, a solution with \\boxed{} or '#### N', verl rows such as DAPO's).
-- resolve_data: a data set name or path -> a local JSONL file. A known name missing locally is fetched once from the
-  Hugging Face hub into ~/.cache/pte/data, converted to our shape.
-- chat_family / format_prompt: each model's chat template hand-written in Python (no jinja2 at run time);
-  tests/test_data.py proves each equal to what the model's own jinja template renders.
-
-Prompt (SPEC section 6, the Qwen2.5-Math CoT convention): one user message
-`{problem}\\nPlease reason step by step, and put your final answer within \\boxed{}.`, no system message of our own
+read_problems reads one JSONL file in any usual field variant; resolve_data turns a data set name into a file, fetching
+a known one once from the Hugging Face hub; chat_family and format_prompt write each model's chat template by hand
+(no jinja2 at run time; tests/test_data.py proves them equal to the models' own jinja templates).
+Prompt (SPEC section 6, the Qwen2.5-Math CoT convention): the template around one user message
+`{problem}\\nPlease reason step by step, and put your final answer within \\boxed{}.` and no system message of our own
 (the template adds its default one, as apply_chat_template does), then the generation prompt.
-Departures: hub copies of the sets in ../shared/data come from other mirrors than those files (KNOWN) and may differ in
-a few rows; the hub's AIME 1983-2024 file loses its 2024 rows, which are the aime24 eval set.
+Departures: hub copies of the sets in ../shared/data come from other mirrors (KNOWN) and may differ in a few rows;
+aime_train from the hub (AIME 1983-2024) loses its 2024 rows, which are the aime24 eval set.
 """
 import csv
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -26,11 +23,9 @@ TEMPLATES = {  # family -> its chat template rendered for one user message `{}` 
               "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",  # SmolLM2 adds its system turn when none
     "r1": "<｜begin▁of▁sentence｜><｜User｜>{}<｜Assistant｜><think>\n",  # the template itself emits the BOS token
 }
-FAMILY_MARKS = (  # (family, text that only that family's jinja template holds)
-    ("r1", "<｜Assistant｜><think>"),  # R1 templates from before Feb 2025 lack <think>: unknown, not silently wrong
-    ("qwen2.5", "You are Qwen, created by Alibaba Cloud."),
-    ("chatml", "named SmolLM"),
-)
+# family -> text only its jinja template holds (R1 templates from before Feb 2025 lack <think>: refused, not misread)
+FAMILY_MARKS = {"r1": "<｜Assistant｜><think>", "qwen2.5": "You are Qwen, created by Alibaba Cloud.",
+                "chatml": "named SmolLM"}
 MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
                  "prealgebra", "precalculus")
 KNOWN = {  # name -> (Hugging Face dataset repo, its files that together make the set)
@@ -59,28 +54,26 @@ def _answer(row: dict) -> str | list[str] | None:
     value = row.get("answer", row.get("final_answer"))
     if isinstance(value, list):  # OlympiadBench: the parts of one "find all" answer
         value = ", ".join(map(str, value))
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
-    if isinstance(value, str) and "####" in value:  # GSM8K's own format: worked solution, then '#### 72'
-        from grade import extract_answer  # lazy: only these rows need the grader
-        value = extract_answer(value)
-    if isinstance(value, str) and value.strip():
-        return value.strip()
-    if isinstance(row.get("solution"), str):
-        from grade import extract_answer
-        return extract_answer(row["solution"])
-    return None
+    value = str(value).strip() if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+    if value and "####" not in value:
+        return value
+    solution = value or row.get("solution")  # GSM8K's own answer field is a worked solution ending in '#### 72'
+    if not isinstance(solution, str):
+        return None
+    from grade import extract_answer  # lazy: only rows without a plain answer need the grader
+    return extract_answer(solution)
 
 
 def to_problem(row, default_id: str) -> dict:
-    """One source row (any field variant, keys case-insensitive) -> {"id", "problem", "answer"}; ValueError if unusable."""
+    """One source row (any field variant, keys in any case) -> {"id", "problem", "answer"}; ValueError if unusable."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     row = {k.lower(): v for k, v in row.items()}
-    if isinstance(row.get("prompt"), list) and isinstance(row.get("reward_model"), dict):  # verl rows (DAPO)
-        text = str(row["prompt"][-1].get("content", "")) if row["prompt"] else ""
-        row = {**row, "problem": text.removeprefix(DAPO_WRAP[0]).removesuffix(DAPO_WRAP[1]),
-               "answer": row["reward_model"].get("ground_truth")}
+    messages = row.get("prompt")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and "reward_model" in row:  # verl
+        text = str(messages[-1].get("content") or "")
+        row = {"problem": text.removeprefix(DAPO_WRAP[0]).removesuffix(DAPO_WRAP[1]), "id": row.get("id"),
+               "answer": (row["reward_model"] or {}).get("ground_truth")}
     problem = next((row[k] for k in ("problem", "question") if isinstance(row.get(k), str) and row[k].strip()), None)
     if problem is None:
         raise ValueError("no problem text (field 'problem' or 'question')")
@@ -116,10 +109,6 @@ def read_problems(path) -> list[dict]:
     return problems
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pte" / "data"
-
-
 def _read_rows(path: str) -> list[dict]:
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -134,11 +123,8 @@ def _fetch(name: str, target: Path) -> None:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):  # huggingface_hub reads it only when first imported
         raise OSError("HF_HUB_OFFLINE is set")
     repo, files = KNOWN[name]
-    if any(f.endswith(".parquet") for f in files):
-        try:
-            import pyarrow.parquet  # noqa: F401
-        except ImportError:
-            raise ImportError("its files are parquet, which needs pyarrow (pip install pyarrow)") from None
+    if any(f.endswith(".parquet") for f in files) and importlib.util.find_spec("pyarrow") is None:
+        raise ImportError("its files are parquet, which needs pyarrow (pip install pyarrow)")
     from huggingface_hub import hf_hub_download
     rows = [row for file in files for row in _read_rows(str(hf_hub_download(repo, file, repo_type="dataset")))]
     problems, seen = [], set()
@@ -175,7 +161,7 @@ def resolve_data(name_or_path, data_dir=None) -> Path:
     if name not in KNOWN:
         raise FileNotFoundError(f"no data file at {local}, and {name!r} is not a known data set "
                                 f"({', '.join(KNOWN)}): pass a .jsonl path or put the file there")
-    cached = cache_dir() / f"{name}.jsonl"
+    cached = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pte" / "data" / f"{name}.jsonl"
     if not cached.is_file():
         repo, files = KNOWN[name]
         try:
@@ -201,11 +187,11 @@ def chat_family(model_dir) -> str | None:
         template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
     if not template:
         return None
-    family = next((family for family, mark in FAMILY_MARKS if mark in template), None)
-    if family is None:
-        raise ValueError(f"{model_dir}: chat template of no known family ({', '.join(TEMPLATES)}); hand-write it "
-                         "in data.TEMPLATES with a parity test")
-    return family
+    for family, mark in FAMILY_MARKS.items():
+        if mark in template:
+            return family
+    raise ValueError(f"{model_dir}: chat template of no known family ({', '.join(TEMPLATES)}); hand-write it in "
+                     "data.TEMPLATES, with a parity test")
 
 
 def format_prompt(problem: str, family: str | None) -> str:

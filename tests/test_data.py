@@ -1,0 +1,361 @@
+"""data.py: prompts against each model's own jinja chat template and the real Qwen2.5 tokenizer; the real data files;
+every field variant and error message; resolve_data offline (no test touches the network or ~/.cache)."""
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+from data import DAPO_WRAP, KNOWN, chat_family, format_prompt, read_problems, resolve_data  # noqa: E402
+
+QWEN_DIR = Path("/work/shared/models/qwen2.5")
+SMOL_DIR = Path("/root/.cache/smollm2-135m-instruct")
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+# chat_template of huggingface.co/deepseek-ai/DeepSeek-R1-Distill-Llama-8B tokenizer_config.json (the Feb 2025
+# revision that opens the assistant turn with <think>\n), from published copies of that file; not on disk here.
+R1_TEMPLATE = (
+    r"{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    r"{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='') %}"
+    r"{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    r"{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}{{bos_token}}{{ns.system_prompt}}"
+    r"{%- for message in messages %}{%- if message['role'] == 'user' %}{%- set ns.is_tool = false -%}"
+    r"{{'<｜User｜>' + message['content']}}{%- endif %}"
+    r"{%- if message['role'] == 'assistant' and message['content'] is none %}{%- set ns.is_tool = false -%}"
+    r"{%- for tool in message['tool_calls']%}{%- if not ns.is_first %}"
+    r"{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + "
+    r"tool['function']['name'] + '\n' + '```json' + '\n' + tool['function']['arguments'] + '\n' + '```' + "
+    r"'<｜tool▁call▁end｜>'}}{%- set ns.is_first = true -%}{%- else %}"
+    r"{{'\n' + '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\n' + "
+    r"'```json' + '\n' + tool['function']['arguments'] + '\n' + '```' + '<｜tool▁call▁end｜>'}}"
+    r"{{'<｜tool▁calls▁end｜><｜end▁of▁sentence｜>'}}{%- endif %}{%- endfor %}{%- endif %}"
+    r"{%- if message['role'] == 'assistant' and message['content'] is not none %}{%- if ns.is_tool %}"
+    r"{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}{%- set ns.is_tool = false -%}"
+    r"{%- else %}{% set content = message['content'] %}{% if '</think>' in content %}"
+    r"{% set content = content.split('</think>')[-1] %}{% endif %}"
+    r"{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}"
+    r"{%- if message['role'] == 'tool' %}{%- set ns.is_tool = true -%}{%- if ns.is_output_first %}"
+    r"{{'<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}"
+    r"{%- set ns.is_output_first = false %}{%- else %}"
+    r"{{'\n<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}{%- endif %}{%- endif %}"
+    r"{%- endfor -%}{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% endif %}"
+    r"{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜><think>\n'}}{% endif %}"
+)
+R1_SPECIAL = {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>"}
+
+PROBLEMS = [
+    "What is $1+1$?",
+    "Let $S=\\{x : x^2<4\\}$. Find $\\sum_{k=1}^{n} {k \\choose 2}$ for {{ n }} and {% raw %} n=3.",  # braces, jinja
+    "Line one.\n\nLine two, then a trailing newline.\n",
+    "  leading and trailing spaces  ",
+    "Unicode: π ≈ 3.14159, x² ≥ 0, 数学题, naïve café, emoji 🚀, fullwidth ｜ and ▁.",
+]
+
+
+def config(folder):
+    return json.loads((folder / "tokenizer_config.json").read_text())
+
+
+def render(template, content, **special):
+    """What transformers' apply_chat_template renders: one user message, add_generation_prompt=True."""
+    jinja2 = pytest.importorskip("jinja2")
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=[{"role": "user", "content": content}],
+                                            add_generation_prompt=True, **special)
+
+
+def real_template(family):
+    if family == "r1":
+        return R1_TEMPLATE, R1_SPECIAL
+    folder = {"qwen2.5": QWEN_DIR, "chatml": SMOL_DIR}[family]
+    if not folder.is_dir():
+        pytest.skip(f"{folder} absent")
+    cfg = config(folder)
+    return cfg["chat_template"], {"bos_token": cfg.get("bos_token"), "eos_token": cfg.get("eos_token")}
+
+
+@pytest.fixture(autouse=True)
+def no_network_no_home(monkeypatch, tmp_path):
+    """Every test: hub offline, cache under tmp_path, no $PTE_DATA of the caller."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("PTE_DATA", raising=False)
+
+
+@pytest.fixture
+def grader(monkeypatch):
+    """The colleague's grade.extract_answer once it exists; until then a stand-in for \\boxed{} and '#### N'."""
+    try:
+        import grade  # noqa: F401
+    except ImportError:
+        def extract_answer(text):
+            if "\\boxed{" in text:
+                return text.rsplit("\\boxed{", 1)[1].split("}", 1)[0]
+            return text.rsplit("####", 1)[1].strip() if "####" in text else None
+        monkeypatch.setitem(sys.modules, "grade", types.SimpleNamespace(extract_answer=extract_answer))
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+# --- chat templates ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["qwen2.5", "chatml", "r1"])
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_prompt_equals_the_models_own_template(family, problem):
+    template, special = real_template(family)
+    assert format_prompt(problem, family) == render(template, problem + SUFFIX, **special)
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "chatml", "r1"])
+def test_prompt_equals_template_on_real_problems(family):
+    if not (SHARED_DATA / "math500.jsonl").is_file():
+        pytest.skip("../shared/data absent")
+    template, special = real_template(family)
+    for p in read_problems(SHARED_DATA / "math500.jsonl")[:20]:
+        assert format_prompt(p["problem"], family) == render(template, p["problem"] + SUFFIX, **special)
+
+
+def test_prompts_by_hand():
+    # written out independently of any template: the exact strings the models must see
+    q = "What is $1+1$?\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert format_prompt("What is $1+1$?", "r1") == f"<｜begin▁of▁sentence｜><｜User｜>{q}<｜Assistant｜><think>\n"
+    assert format_prompt("What is $1+1$?", "qwen2.5") == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+    assert format_prompt("What is $1+1$?", None) == "What is $1+1$?"  # toy model: raw text, no suffix
+
+
+def test_unknown_family_is_refused():
+    with pytest.raises(ValueError, match="llama3"):
+        format_prompt("x", "llama3")
+
+
+def test_qwen_tokenizer_ids():
+    tokenizers = pytest.importorskip("tokenizers")
+    if not (QWEN_DIR / "tokenizer.json").is_file():
+        pytest.skip("Qwen2.5 tokenizer absent")
+    tok = tokenizers.Tokenizer.from_file(str(QWEN_DIR / "tokenizer.json"))
+    assert tok.encode("Hello world", add_special_tokens=False).ids == [9707, 1879]
+    ids = tok.encode(format_prompt("What is $1+1$?", "qwen2.5"), add_special_tokens=False).ids
+    tail = tok.encode("<|im_start|>assistant\n", add_special_tokens=False).ids
+    assert tail == [151644, 77091, 198]  # <|im_start|> is one special token, not split into text pieces
+    assert ids[0] == 151644 and ids[-3:] == tail
+    assert ids.count(151644) == 3 and ids.count(151645) == 2  # system, user, assistant opened; two closed
+
+
+# --- chat_family --------------------------------------------------------------------------------------------------
+
+def test_chat_family_real_folders():
+    if not QWEN_DIR.is_dir() or not SMOL_DIR.is_dir():
+        pytest.skip("model folders absent")
+    assert chat_family(QWEN_DIR) == "qwen2.5"
+    assert chat_family(SMOL_DIR) == "chatml"
+
+
+def test_chat_family_from_config_and_jinja_file(tmp_path):
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "tokenizer_config.json").write_text(json.dumps({"chat_template": R1_TEMPLATE}))
+    assert chat_family(tmp_path / "r1") == "r1"
+    (tmp_path / "jinja").mkdir()  # newer transformers save the template next to the config
+    (tmp_path / "jinja" / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "jinja" / "chat_template.jinja").write_text(R1_TEMPLATE)
+    assert chat_family(tmp_path / "jinja") == "r1"
+
+
+def test_chat_family_none_without_template(tmp_path):
+    assert chat_family(tmp_path) is None  # our toy model: no tokenizer_config.json at all
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    assert chat_family(tmp_path) is None
+
+
+def test_chat_family_refuses_unknown_templates(tmp_path):
+    old_r1 = R1_TEMPLATE.replace("<｜Assistant｜><think>\\n'", "<｜Assistant｜>'")  # pre-Feb-2025: no <think>
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": old_r1}))
+    with pytest.raises(ValueError, match="no known family"):
+        chat_family(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        chat_family(tmp_path / "nowhere")
+
+
+# --- read_problems: the real files --------------------------------------------------------------------------------
+
+COUNTS = {"math500": 500, "aime24": 30, "amc23": 40, "minerva": 272, "olympiadbench": 675, "gsm8k": 1319,
+          "math_train": 7470, "aime_train": 975}
+
+
+@pytest.mark.parametrize("name", COUNTS)
+def test_real_files(name):
+    path = SHARED_DATA / f"{name}.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} absent")
+    problems = read_problems(path)
+    assert len(problems) == COUNTS[name]
+    for p in problems:
+        assert set(p) == {"id", "problem", "answer"} and p["problem"].strip() and p["id"]
+        answers = p["answer"] if isinstance(p["answer"], list) else [p["answer"]]
+        assert answers and all(isinstance(a, str) and a.strip() for a in answers)
+    if name == "minerva":  # 40 rows carry alternatives; `answers` wins and its first is `answer`
+        lists = [p for p in problems if isinstance(p["answer"], list)]
+        assert len(lists) == 40 and lists[0]["answer"][0] == "0.01" and "0.02" in lists[0]["answer"]
+        assert problems[0] == {"id": "minerva-9", "problem": problems[0]["problem"], "answer": "9.6"}
+    if name == "gsm8k":
+        assert problems[0]["answer"] == "18" and all(p["answer"].replace(",", "").lstrip("-").replace(".", "")
+                                                     .isdigit() for p in problems)
+
+
+# --- read_problems: field variants and errors -----------------------------------------------------------------------
+
+def test_field_variants(tmp_path, grader):
+    verl = {"prompt": [{"role": "user", "content": DAPO_WRAP[0] + "Find $n$." + DAPO_WRAP[1]}],
+            "reward_model": {"style": "rule", "ground_truth": "34"}}
+    path = write_lines(tmp_path / "mixed.jsonl", [
+        json.dumps({"question": "Q1", "final_answer": "3"}),
+        json.dumps({"problem": "Q2", "solution": "so the answer is $\\boxed{17}$."}),
+        "",  # blank lines are skipped but still counted, so ids keep naming real line numbers
+        json.dumps({"question": "Q4", "answer": "She sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\n#### 72"}),
+        json.dumps({"id": "m-1", "problem": "Q5", "answer": "0.01", "answers": ["0.01", "0.02"]}),
+        json.dumps({"ID": "1983-1", "Question": "Q6", "Answer": 70}),
+        json.dumps({"id": 7, "question": "Q7", "final_answer": ["$1$", "$-2$"]}),
+        json.dumps(verl),
+        json.dumps({"unique_id": "test/algebra/1.json", "problem": "  Q9\n", "answer": " 4 ",
+                    "solution": "\\boxed{5}"}),
+    ])
+    assert read_problems(path) == [
+        {"id": "mixed/1", "problem": "Q1", "answer": "3"},
+        {"id": "mixed/2", "problem": "Q2", "answer": "17"},
+        {"id": "mixed/4", "problem": "Q4", "answer": "72"},
+        {"id": "m-1", "problem": "Q5", "answer": ["0.01", "0.02"]},
+        {"id": "1983-1", "problem": "Q6", "answer": "70"},
+        {"id": "7", "problem": "Q7", "answer": "$1$, $-2$"},
+        {"id": "mixed/8", "problem": "Find $n$.", "answer": "34"},
+        {"id": "test/algebra/1.json", "problem": "Q9", "answer": "4"},  # an answer field beats the solution
+    ]
+
+
+@pytest.mark.parametrize("bad_line, reason", [
+    ('{"problem": "Q", "answer": "1"', "Expecting"),  # truncated JSON
+    ('["Q", "1"]', "JSON object"),
+    ('{"answer": "1"}', "no problem"),
+    ('{"problem": "   ", "answer": "1"}', "no problem"),
+    ('{"problem": "Q"}', "no answer"),
+    ('{"problem": "Q", "answer": ""}', "no answer"),
+    ('{"id": "a", "problem": "Q", "answer": "1"}', "twice"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, grader, bad_line, reason):
+    path = write_lines(tmp_path / "bad.jsonl", ['{"id": "a", "problem": "P", "answer": "2"}', "", bad_line])
+    with pytest.raises(ValueError) as err:
+        read_problems(path)
+    assert str(path) in str(err.value) and "line 3" in str(err.value) and reason in str(err.value)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
+        read_problems(tmp_path / "nothing.jsonl")
+    for text in ("", "\n  \n"):
+        (tmp_path / "empty.jsonl").write_text(text)
+        with pytest.raises(ValueError, match="no problems"):
+            read_problems(tmp_path / "empty.jsonl")
+
+
+# --- resolve_data ---------------------------------------------------------------------------------------------------
+
+def fake_hub(monkeypatch, files=None):
+    """A huggingface_hub whose download serves local files (or fails the test): no network, calls recorded."""
+    calls = []
+
+    def hf_hub_download(repo_id, filename, repo_type=None):
+        calls.append((repo_id, filename, repo_type))
+        if files is None:
+            raise AssertionError("the hub was called")
+        return str(files[(repo_id, filename)])
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=hf_hub_download))
+    return calls
+
+
+def test_resolve_paths_and_local_names(tmp_path, monkeypatch):
+    own = write_lines(tmp_path / "own.jsonl", ['{"problem": "Q", "answer": "1"}'])
+    assert resolve_data(own) == own and resolve_data(str(own)) == own
+    with pytest.raises(FileNotFoundError, match="gone.jsonl"):
+        resolve_data(tmp_path / "gone.jsonl")
+    (tmp_path / "d").mkdir()
+    local = write_lines(tmp_path / "d" / "aime25.jsonl", ['{"problem": "Q", "answer": "1"}'])
+    assert resolve_data("aime25", tmp_path / "d") == local
+    monkeypatch.setenv("PTE_DATA", str(tmp_path / "d"))
+    assert resolve_data("aime25") == local
+
+
+def test_resolve_unknown_name_lists_known(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_data("aime2099", tmp_path)
+    assert str(tmp_path / "aime2099.jsonl") in str(err.value) and all(name in str(err.value) for name in KNOWN)
+
+
+def test_resolve_offline_says_where_and_whence(tmp_path, monkeypatch):
+    calls = fake_hub(monkeypatch)  # would fail the test if called: HF_HUB_OFFLINE must stop us first
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_data("aime25", tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / "aime25.jsonl") in message and "math-ai/aime25" in message and "test.jsonl" in message
+    assert "HF_HUB_OFFLINE" in message and not calls
+
+
+def test_resolve_without_huggingface_hub(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails, as when not installed
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_data("minerva", tmp_path)
+    assert str(tmp_path / "minerva.jsonl") in str(err.value) and "math-ai/minervamath" in str(err.value)
+    assert "Fetching failed: ModuleNotFoundError" in str(err.value)
+
+
+def test_resolve_parquet_without_pyarrow(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    calls = fake_hub(monkeypatch)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_data("dapo-math-17k", tmp_path)
+    message = str(err.value)
+    assert "BytedTsinghua-SIA/DAPO-Math-17k" in message and "data/dapo-math-17k.parquet" in message
+    assert "needs pyarrow" in message and str(tmp_path / "dapo-math-17k.jsonl") in message and not calls
+
+
+def test_fetch_converts_once_into_the_cache(tmp_path, monkeypatch, grader):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    hub = write_lines(tmp_path / "test.jsonl", [json.dumps({"id": 0, "problem": "Find $x$.", "answer": 70}),
+                                                json.dumps({"id": 1, "problem": "Find $y$.", "answer": "588"})])
+    calls = fake_hub(monkeypatch, {("math-ai/aime25", "test.jsonl"): hub})
+    cached = Path(os.environ["XDG_CACHE_HOME"]) / "pte" / "data" / "aime25.jsonl"
+    assert resolve_data("aime25", tmp_path / "empty") == cached
+    assert read_problems(cached) == [{"id": "0", "problem": "Find $x$.", "answer": "70"},
+                                     {"id": "1", "problem": "Find $y$.", "answer": "588"}]
+    assert resolve_data("aime25", tmp_path / "empty") == cached and calls == [("math-ai/aime25", "test.jsonl",
+                                                                                "dataset")]  # second call: cache
+
+
+def test_fetch_csv_drops_aime2024_repeats_and_unusable_rows(tmp_path, monkeypatch, grader):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    hub = tmp_path / "AIME_Dataset_1983_2024.csv"
+    hub.write_text("ID,Year,Problem Number,Question,Answer,Part\n"
+                   "1983-1,1983,1,First question,60,\n"
+                   "1983-1b,1983,1,First question,60,\n"  # the same problem again
+                   "1983-2,1983,2,,3,\n"  # no problem text
+                   "2024-I-1,2024,1,Aime24 question,204,I\n")  # the aime24 eval set
+    fake_hub(monkeypatch, {("di-zhang-fdu/AIME_1983_2024", "AIME_Dataset_1983_2024.csv"): hub})
+    assert read_problems(resolve_data("aime_train", tmp_path)) == [
+        {"id": "1983-1", "problem": "First question", "answer": "60"}]

@@ -1,0 +1,83 @@
+"""train.py end to end on the toy: a short run, exact resume, the DDP update, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import ROOT
+
+# distillation has a gradient from the first step (the window differs from the full cache), GRPO only once a
+# group's rewards differ, so the checks of "an update happened" use it
+FAST = ["--model", "toy", "--objective", "distill", "--steps", "2", "--prompts-per-step", "4", "--group", "4",
+        "--eval-size", "0", "--threads", "1"]
+
+
+def weights(run, name="adapter"):
+    return load_file(str(run / name / "adapter.safetensors"))
+
+
+def test_short_run_learns_something_and_logs(tmp_path):
+    out = train.main(FAST + ["--out", str(tmp_path / "run"), "--save-every", "1", "--lr", "1e-2"])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for key in ("reward", "accuracy", "zero_std_groups", "length_mean", "length_max", "truncated", "evictions", "kl",
+                "clip_frac", "grad_norm", "tokens_per_s", "peak_memory_gb", "wall_seconds"):
+        assert key in metrics[0], key
+    assert metrics[0]["evictions"] > 0  # the toy's budget forces evictions
+    b = weights(out)["B.q0"]
+    assert b.abs().sum() > 0  # B starts at zero: a non-zero B means an update happened
+    assert (out / "latest").read_text() == "step-000002"
+
+
+def test_resume_is_exact(tmp_path):
+    """4 steps in one go and 2 + resume + 2 give identical adapter weights."""
+    common = FAST[:FAST.index("--steps")] + FAST[FAST.index("--steps") + 2:] + ["--save-every", "2"]
+    one = train.main(common + ["--steps", "4", "--out", str(tmp_path / "one")])
+    two = train.main(common + ["--steps", "2", "--out", str(tmp_path / "two")])
+    train.main(common + ["--steps", "4", "--resume", str(two)])
+    a, b = weights(one), weights(two)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if k.startswith("B."))
+
+
+def test_resume_refuses_another_adapter_shape(tmp_path):
+    run = train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match="rank: checkpoint 16, now 8"):
+        train.main(FAST + ["--rank", "8", "--resume", str(run)])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.main(FAST + ["--resume", str(tmp_path)])
+
+
+def test_bad_input_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "toy", "--group", "1"])
+    with pytest.raises(ValueError, match="unknown model"):
+        train.main(["--model", "no-such-model", "--out", str(tmp_path / "x")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1", "answer": "2"}\n{not json\n')
+    with pytest.raises(ValueError, match="bad.jsonl.*2"):
+        train.main(FAST + ["--data", str(bad), "--out", str(tmp_path / "y")])
+    with pytest.raises(ValueError, match="thought slots"):
+        train.main(FAST + ["--cache", "20", "--out", str(tmp_path / "z")])
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process_on_the_union(tmp_path):
+    """DDP over gloo: 2 ranks with 2 prompts each make the same update as 1 process with all 4. Greedy rollouts
+    and the distillation objective make the rollouts independent of the batch split and the gradient non-zero."""
+    args = ["train.py", "--model", "toy", "--objective", "distill", "--temperature", "0", "--steps", "1",
+            "--prompts-per-step", "4", "--group", "2", "--micro-batch", "2", "--eval-size", "0", "--threads", "1", "--lr", "1e-2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
+                    "--out", str(tmp_path / "ddp")], cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env, check=True, capture_output=True)
+    ddp, one = weights(tmp_path / "ddp"), weights(tmp_path / "one")
+    assert any(one[k].abs().sum() > 0 for k in one if k.startswith("B."))
+    for k in one:
+        torch.testing.assert_close(ddp[k], one[k], atol=1e-6, rtol=1e-5)
