@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cache import ReplayCache, RingCache, attention_mask, evict_count, eviction_steps, thought_slots, unrotate
+from cache import MIN_THOUGHT_SLOTS, ReplayCache, RingCache, attention_mask, evict_count, eviction_steps, thought_slots, unrotate
 
 POLICIES = ("full", "window", "pte")
 
@@ -145,7 +145,8 @@ def score(model, rollout: Rollout, policy: CachePolicy, adapter=None, temperatur
     positions = torch.arange(P, device=prompt.device) - (P - lens)[:, None]
     positions = positions.masked_fill(positions < 0, -1)  # (B, P)
     W = thought_slots(policy.policy, policy.budget, P, T)
-    m = evict_count(thought_slots("window", policy.budget, P, T) if policy.policy == "full" else W, policy.evict)
+    # `full` never evicts: it is cut into chunks of the m a window of this budget would evict (at least 1)
+    m = evict_count(max(policy.budget - P, MIN_THOUGHT_SLOTS) if policy.policy == "full" else W, policy.evict)
     fed = T - 1  # the last token is scored but never fed
     steps = eviction_steps(fed, W, m, policy.policy)
     if policy.policy != "full" and steps != [t for t in rollout.evictions if t < fed]:

@@ -1,0 +1,273 @@
+"""rollout.py and cache.py: `window` against the SPEC section 2 reference (one transformers forward with an explicit
+4D mask computed here from a simulated ring), `pte` against `window`, `score` against `generate` and its gradients,
+fixed memory, RoPE un-rotation, the eviction schedule; on the real SmolLM2, answers that survive eviction."""
+import pytest
+import torch
+
+import model as M
+from cache import RingCache, evict_count, eviction_steps, thought_slots, unrotate
+from encoder import Adapter, AdapterConfig
+from rollout import CachePolicy, generate, score
+
+# left-padded to P = 8; picked so that greedy decoding of the tiny model does not loop on one token in every row
+PROMPTS = [[47, 77, 70, 9, 43, 53, 67, 40], [32, 51, 44, 43, 93], [42, 44, 35]]
+P, W, MAX_NEW = 8, 8, 24  # budget P + W: m = 2, evictions before thought tokens 8, 10, ..., 22
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_qwen):
+    return M.load(tiny_qwen[0])
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def run(model, policy, adapter=None, budget=P + W, evict=0.25, max_new=MAX_NEW, **kw):
+    """generate on PROMPTS: temperature 1, seeded, no EOS unless asked."""
+    kw = dict(temperature=1.0, eos_ids=[], pad_id=0, generator=gen()) | kw
+    return generate(model, PROMPTS, CachePolicy(policy, budget, evict), max_new, adapter, **kw)
+
+
+def make_adapter(cfg, mode, b_std=0.1):
+    """A rank-4 adapter (alpha / r = 1) with B random, so that it changes the model; b_std=0 keeps B = 0."""
+    torch.manual_seed(0)
+    adapter = Adapter(cfg, AdapterConfig(mode=mode, rank=4, alpha=4.0, n_globals=4))
+    if b_std:
+        with torch.no_grad():
+            for b in adapter.B.values():
+                b.normal_(0, b_std)
+    return adapter
+
+
+# ---------------------------------------------------------------------------------------------------- the reference
+
+def simulate_ring(n_tokens, window, m):
+    """Thought tokens in the window when each token t is written, and the steps before which m were evicted."""
+    ring, seen, steps = [], [], []
+    for t in range(n_tokens):
+        if len(ring) == window:
+            ring = ring[m:]
+            steps.append(t)
+        ring.append(t)
+        seen.append(list(ring))
+    return seen, steps
+
+
+def reference_mask(roll, window, m):
+    """allowed (B, P+T, P+T) bool and absolute positions (B, P+T) of SPEC section 2 for prompt + completion."""
+    (B, P), T = roll.prompts.shape, roll.tokens.shape[1]
+    seen, _ = simulate_ring(T, window, m)
+    allowed = torch.zeros(B, P + T, P + T, dtype=torch.bool)
+    positions = torch.zeros(B, P + T, dtype=torch.long)
+    for b, n in enumerate(roll.prompt_lens.tolist()):
+        pad = P - n
+        allowed[b, :P, pad:P] = torch.ones(P, n, dtype=torch.bool).tril(-pad)  # prompt: causal over real tokens
+        allowed[b, range(pad), range(pad)] = True  # pad queries see themselves only (finite, seen by nobody)
+        allowed[b, P:, pad:P] = True  # thoughts see the whole prompt
+        for t in range(T):
+            allowed[b, P + t, [P + j for j in seen[t]]] = True
+        positions[b, pad:] = torch.arange(n + T)
+    return allowed, positions
+
+
+def additive(allowed):
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]  # (B, 1, S, S)
+
+
+def gather_logprobs(logits, roll, temperature=1.0):
+    """Log-probs of the completion tokens from logits over prompt + completion (B, P+T, V)."""
+    P, T = roll.prompts.shape[1], roll.tokens.shape[1]
+    logp = torch.log_softmax(logits[:, P - 1:P + T - 1].float() / (temperature or 1.0), -1)
+    return logp.gather(-1, roll.tokens[..., None])[..., 0]  # (B, T)
+
+
+def hf_reference(hf, roll, window, m, temperature=1.0):
+    allowed, positions = reference_mask(roll, window, m)
+    with torch.no_grad():
+        seq = torch.cat([roll.prompts, roll.tokens], 1)  # (B, P + T)
+        logits = hf(seq, attention_mask=additive(allowed), position_ids=positions).logits
+    return gather_logprobs(logits, roll, temperature)
+
+
+def masked_diff(a, b, mask):
+    return (a - b)[mask].abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------------- window, pte
+
+def test_window_with_room_equals_full(tiny):
+    full, window = run(tiny, "full"), run(tiny, "window", budget=P + MAX_NEW + 5)
+    assert window.evictions == [] and torch.equal(full.tokens, window.tokens) and torch.equal(full.logprobs, window.logprobs)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("window, evict", [(8, 0.25), (6, 0.5)])
+def test_window_equals_masked_reference(tiny, tiny_qwen, impl, window, evict):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(tiny_qwen[0], attn_implementation=impl, dtype=torch.float32).eval()
+    m = evict_count(window, evict)
+    roll = run(tiny, "window", budget=P + window, evict=evict, max_new=30)
+    _, steps = simulate_ring(30 - 1, window, m)  # the last token is never written
+    assert roll.evictions == steps and len(steps) >= 5
+    assert masked_diff(roll.logprobs, hf_reference(hf, roll, window, m), roll.mask) < 1e-5
+
+
+def test_pte_with_zero_B_equals_window_and_random_B_differs(tiny):
+    window = run(tiny, "window")
+    pte = run(tiny, "pte", make_adapter(tiny.config, "pte", b_std=0))
+    assert window.evictions and torch.equal(window.tokens, pte.tokens) and torch.equal(window.logprobs, pte.logprobs)
+    assert (run(tiny, "pte", make_adapter(tiny.config, "pte")).logprobs - window.logprobs).abs().max() > 1e-3
+
+
+def test_evictions_feed_the_encoder(tiny):
+    """pte and global-only (S never updated) with the same parameters agree until the first eviction, not after:
+    the eviction before token W changes S for the forward of token W, which predicts token W + 1."""
+    pte = make_adapter(tiny.config, "pte")
+    frozen = make_adapter(tiny.config, "global-only")
+    frozen.load_state_dict(pte.state_dict())
+    a, b = run(tiny, "pte", pte), run(tiny, "pte", frozen)
+    assert a.evictions[0] == W and torch.equal(a.logprobs[:, :W + 1], b.logprobs[:, :W + 1])
+    assert ((a.logprobs[:, W + 1] - b.logprobs[:, W + 1]).abs() > 1e-6).all()
+
+
+# ---------------------------------------------------------------------------------------------------- score
+
+def early_stopping_eos(model, policy, adapter, temperature):
+    """An id that some row samples, near mid-completion, and another row never does: as EOS it stops rows at different steps."""
+    rows = run(model, policy, adapter, temperature=temperature).tokens.tolist()
+    candidates = [(abs(i - MAX_NEW // 2), t) for row in rows for i, t in enumerate(row) if any(t not in other for other in rows)]
+    return min(candidates)[1]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("policy", ["full", "window", "pte"])
+def test_score_reproduces_generate(tiny, policy, temperature):
+    adapter = make_adapter(tiny.config, "pte" if policy == "pte" else "lora")
+    eos = early_stopping_eos(tiny, policy, adapter, temperature)
+    roll = run(tiny, policy, adapter, temperature=temperature, eos_ids=[eos])
+    lengths = roll.mask.sum(1)
+    assert lengths.min() < lengths.max() == MAX_NEW and not roll.truncated[lengths.argmin()]
+    assert (policy == "full") == (roll.evictions == [])
+    with torch.no_grad():
+        logp = score(tiny, roll, CachePolicy(policy, P + W), adapter, temperature)
+    assert masked_diff(logp, roll.logprobs, roll.mask) <= 2e-5
+
+
+class MaskOnly:
+    """The model's cache protocol for one forward over a whole sequence with an explicit mask."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def update(self, layer, k, v):
+        return k, v
+
+
+@pytest.mark.parametrize("policy, mode", [("window", "lora"), ("pte", "pte")])
+def test_score_gradients(tiny, policy, mode):
+    adapter = make_adapter(tiny.config, mode)
+    roll = run(tiny, policy, adapter)
+    weights = torch.randn(roll.tokens.shape, generator=gen(1))
+
+    def grads(logp):
+        adapter.zero_grad(set_to_none=True)
+        (logp * roll.mask * weights).sum().backward()
+        return {name: p.grad.clone() for name, p in adapter.named_parameters()}
+
+    pol = CachePolicy(policy, P + W)
+    checkpointed = grads(score(tiny, roll, pol, adapter, 1.0))
+    references = [grads(score(tiny, roll, pol, adapter, 1.0, use_checkpoint=False))]
+    assert all(p.grad is None for p in tiny.parameters())
+    if policy == "window":  # one masked forward of the whole sequence: the gradients are exact through the cache
+        allowed, positions = reference_mask(roll, W, evict_count(W, 0.25))
+        seq = torch.cat([roll.prompts, roll.tokens], 1)
+        references.append(grads(gather_logprobs(tiny(seq, positions, MaskOnly(additive(allowed)), adapter), roll)))
+    expected = {"A", "B"} | ({"q_g", "W_Q", "W_K", "W_V", "k_g", "v_g"} if mode == "pte" else set())
+    assert {name.split(".")[0] for name in checkpointed} == expected
+    for name, g in checkpointed.items():
+        assert all(torch.allclose(g, ref[name], rtol=1e-4, atol=1e-7) for ref in references), name
+        per_layer = g.flatten(1) if g.dim() == 3 else g.flatten()[None]  # encoder tensors are (L, ...): every layer
+        assert (per_layer.abs().sum(1) > 0).all(), f"{name} gets no gradient"
+
+
+def test_full_ignores_budget(tiny):
+    roll = run(tiny, "full", budget=P)  # full keeps everything: the budget only sets its checkpoint chunk size
+    with torch.no_grad():
+        assert masked_diff(score(tiny, roll, CachePolicy("full", P), None, 1.0), roll.logprobs, roll.mask) <= 2e-5
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+
+def test_memory_fixed_by_budget(tiny):
+    budget, cfg = P + W, tiny.config
+    slots = {(policy, n): thought_slots(policy, budget, P, n) for policy in ("full", "window", "pte") for n in (100, 10_000)}
+    assert slots["window", 100] == slots["window", 10_000] == slots["pte", 10_000] == W
+    assert (slots["full", 100], slots["full", 10_000]) == (100, 10_000)
+    size = lambda n: RingCache.allocate(cfg, 3, P, n, torch.float32, "cpu").k.numel()
+    assert size(slots["pte", 100]) == size(slots["pte", 10_000]) < size(slots["full", 100])
+    adapter = make_adapter(cfg, "pte")
+    for policy, expected in (("window", budget), ("pte", budget), ("full", P + 100)):
+        stats = run(tiny, policy, adapter if policy == "pte" else None, max_new=100).stats
+        assert stats["steps"] == 100 and stats["cache_slots"] == expected and stats["cache_slots_used"] <= expected
+
+
+def test_unrotate_inverts_rope(tiny):
+    torch.manual_seed(0)
+    keys = torch.randn(2, 3, 2, 5, 8)  # (L, B, Hkv, m, D)
+    positions = torch.randint(0, 5000, (3, 5))  # (B, m)
+    cos, sin = M.rope_cos_sin(tiny.inv_freq, positions, torch.float32)
+    rotated = M.apply_rope(keys, cos, sin)
+    assert (rotated - keys).abs().max() > 0.1
+    assert (unrotate(rotated, positions, tiny.inv_freq) - keys).abs().max() < 1e-6
+
+
+def test_eviction_schedule():
+    assert evict_count(30, 0.1) == 3  # 0.1 * 30 = 3.0000000000000004 in floats: a bare ceil gives 4
+    assert [evict_count(8, 0.25), evict_count(10, 0.25), evict_count(3, 0.1), evict_count(5, 1.0)] == [2, 3, 1, 5]
+    assert eviction_steps(23, 8, 2, "window") == [8, 10, 12, 14, 16, 18, 20, 22] == simulate_ring(23, 8, 2)[1]
+    assert eviction_steps(23, 8, 2, "full") == []
+    with pytest.raises(ValueError, match=r"--evict must be in \(0, 1\]"):
+        evict_count(8, 0)
+
+
+def test_budget_too_small(tiny):
+    with pytest.raises(ValueError, match="cache budget 10 leaves 2 thought slots after a 8-token prompt; need at least 4"):
+        run(tiny, "window", budget=10)
+    assert thought_slots("window", 12, 8, 100) == 4
+
+
+# ---------------------------------------------------------------------------------------------------- real SmolLM2
+
+@pytest.fixture(scope="module")
+def smol(smollm2):
+    return smollm2, M.load(smollm2), M.load_tokenizer(smollm2)
+
+
+def chatml(tokenizer, question):
+    return tokenizer.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).ids
+
+
+@pytest.mark.slow
+def test_smollm2_window_equals_masked_reference(smol):
+    from transformers import AutoModelForCausalLM
+    folder, ours, tok = smol
+    prompt = chatml(tok, "Write a short paragraph about the history of Paris.")
+    roll = generate(ours, [prompt], CachePolicy("window", len(prompt) + 32), 80, eos_ids=[])
+    assert len(roll.evictions) >= 5
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert masked_diff(roll.logprobs, hf_reference(hf, roll, 32, 8), roll.mask) < 1e-4
+
+
+@pytest.mark.slow
+def test_smollm2_answers_under_window(smol, capsys):
+    _, ours, tok = smol
+    prompt = chatml(tok, "What is the capital of France?")
+    out = generate(ours, [prompt], CachePolicy("window", len(prompt) + 64), 32)
+    assert "Paris" in tok.decode(out.tokens[0][out.mask[0]].tolist())
+    prompt = chatml(tok, "Write a short paragraph about the history of Paris.")
+    out = generate(ours, [prompt], CachePolicy("window", len(prompt) + 24), 80)
+    tokens = out.tokens[0][out.mask[0]].tolist()
+    with capsys.disabled():
+        print(f"\n[window, budget prompt + 24, {len(out.evictions)} evictions] {tok.decode(tokens)!r}")
+    assert len(out.evictions) >= 3 and len(set(tokens[-40:])) >= 15
