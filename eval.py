@@ -1,0 +1,163 @@
+"""Accuracy of a model (and adapter) on math benchmarks under a cache policy, SPEC section 6.
+
+`evaluate` is the library call (train.py's held-out check, toy.py's experiment); `main` is the command line:
+
+    python eval.py --model qwen2.5-1.5b --adapter runs/pte --bench math500,aime24 --samples 4 --temperature 0.6
+
+Per benchmark and policy: avg@k (mean correctness of all k samples of every problem), pass@k (share of problems
+with at least one right sample: with n = k samples the unbiased estimator of Chen et al. is exactly this), mean
+completion length in tokens (EOS included), share stopped by --max-new, and evictions per sample (those that came
+before the sample's last token, i.e. that changed what it saw). results.json keeps every setting behind the
+numbers; samples.jsonl every completion with its grade.
+Rows are batched longest prompt first (less left padding, and a budget too small fails at once); results come back
+in problem order. Under sampling the draws depend on the batching: reruns match with the same --batch-size and --seed.
+"""
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import grade
+import model as models
+import rollout
+from encoder import load_adapter
+
+def summarize(records, samples, tokens_per_s):
+    """Per-sample records in problem order (`samples` consecutive rows a problem) -> the summary dict."""
+    groups = [records[i:i + samples] for i in range(0, len(records), samples)]
+    mean = lambda key: sum(float(r[key]) for r in records) / len(records)  # noqa: E731
+    return dict(n=len(groups), samples=samples, accuracy=mean("correct"),
+                pass_at_k=sum(any(r["correct"] for r in g) for g in groups) / len(groups), mean_length=mean("length"),
+                truncated=mean("truncated"), evictions_per_sample=mean("evictions"), tokens_per_s=tokens_per_s)
+
+
+def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=None, family=None, max_new=3072, samples=1,
+             temperature=0.0, top_p=1.0, batch_size=8, seed=0, progress=True):
+    """Generate `samples` completions of each {"id", "problem", "answer"} under `policy` and grade them.
+    Returns (summary, records): see summarize; records in problem order, `samples` a problem."""
+    if samples < 1 or batch_size < 1:
+        raise ValueError(f"--samples and --batch-size must be at least 1, got {samples} and {batch_size}")
+    if not problems:
+        raise ValueError("no problems to evaluate")
+    prompts = [tokenizer.encode(data.format_prompt(p["problem"], family), add_special_tokens=False).ids for p in problems]
+    rows = sorted(((i, s) for i in range(len(problems)) for s in range(samples)), key=lambda r: -len(prompts[r[0]]))
+    generator = torch.Generator(model.embed_tokens.weight.device).manual_seed(seed)
+    done, seconds, tokens = {}, 0.0, 0
+    bar = tqdm(total=len(rows), disable=not progress, unit="sample", desc=f"{policy.policy} {len(problems)} problems")
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        out = rollout.generate(model, [prompts[i] for i, _ in batch], policy, max_new, adapter, temperature, top_p,
+                               generator=generator)
+        seconds, tokens = seconds + out.stats["seconds"], tokens + out.stats["tokens"]
+        for b, ((i, s), n) in enumerate(zip(batch, out.mask.sum(1).tolist())):  # the mask is a prefix of each row
+            text = tokenizer.decode(out.tokens[b, :n].tolist(), skip_special_tokens=True)
+            gold = problems[i]["answer"]
+            done[i, s] = dict(id=problems[i]["id"], sample=s, completion=text, answer=grade.extract_answer(text), gold=gold,
+                              correct=grade.score(text, gold) == 1.0, length=n, truncated=bool(out.truncated[b]),
+                              evictions=sum(t < n - 1 for t in out.evictions))
+        bar.update(len(batch))
+    bar.close()
+    records = [done[i, s] for i in range(len(problems)) for s in range(samples)]
+    return summarize(records, samples, tokens / seconds if seconds else 0.0), records
+
+
+def table(results):
+    """Markdown table of (bench, policy) summaries."""
+    head = "| bench | policy | n | k | avg@k | pass@k | mean length | truncated | evictions/sample | tokens/s |"
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in results:
+        lines.append(f"| {r['bench']} | {r['policy']} | {r['n']} | {r['samples']} | {100 * r['accuracy']:.1f} | "
+                     f"{100 * r['pass_at_k']:.1f} | {r['mean_length']:.0f} | {100 * r['truncated']:.0f}% | "
+                     f"{r['evictions_per_sample']:.1f} | {r['tokens_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="registry name or Hugging Face folder")
+    p.add_argument("--adapter", help="folder written by train.py (adapter.json + adapter.safetensors)")
+    p.add_argument("--bench", required=True, help="comma-separated names (math500,aime24,...) or .jsonl paths")
+    p.add_argument("--data-dir", help="where {name}.jsonl live (default: $PTE_DATA, else data/)")
+    p.add_argument("--policy", help="comma-separated full|window|pte (default: the adapter's, else full)")
+    p.add_argument("--cache", type=int, default=1024, help="cache budget in tokens: prompt + thought slots")
+    p.add_argument("--evict", type=float, default=0.25, help="share of the thought window evicted at a time")
+    p.add_argument("--max-new", type=int, default=3072)
+    p.add_argument("--samples", type=int, default=1, help="k completions a problem")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8, help="rows a forward")
+    p.add_argument("--limit", type=int, help="the first N problems of each benchmark")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="default: runs/eval-<timestamp>")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="auto", help="auto: cuda when available")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    return p
+
+
+def adapter_policy(folder):
+    """The policy train.py recorded next to the adapter."""
+    path = Path(folder) / "adapter.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no adapter.json (written by train.py)")
+    meta = json.loads(path.read_text())
+    if "policy" not in meta:
+        raise ValueError(f"{folder}/adapter.json records no policy: pass --policy")
+    return meta["policy"]
+
+
+def run(args, argv):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = (args.policy or (adapter_policy(args.adapter) if args.adapter else "full")).split(",")
+    policies = [rollout.CachePolicy(name, args.cache, args.evict) for name in names]  # rejects unknown names
+    if args.samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {args.samples}")
+    benches = {name: data.read_problems(data.resolve_data(name, args.data_dir))[:args.limit]
+               for name in args.bench.split(",")}
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    net = models.load(args.model, None if args.dtype == "auto" else getattr(torch, args.dtype), device)
+    tokenizer, family = models.load_tokenizer(args.model), data.chat_family(models.resolve(args.model))
+    adapter = load_adapter(args.adapter, net.config, device) if args.adapter else None
+    if "pte" in names and (adapter is None or not adapter.encodes):
+        raise ValueError("--policy pte needs --adapter with a thought encoder (adapter mode pte, global-0 or global-only)"
+                         f", got {'no adapter' if adapter is None else 'mode ' + adapter.cfg.mode}")
+    out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "eval.py", *argv])
+    results = dict(command=command, args=vars(args), model_dir=str(models.resolve(args.model)), chat_family=family,
+                   adapter_mode=adapter.cfg.mode if adapter else None, grader_version=grade.GRADER_VERSION,
+                   torch=torch.__version__, device=str(device), dtype=str(net.embed_tokens.weight.dtype), results=[])
+    start = time.perf_counter()
+    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+        for bench, problems in benches.items():
+            for policy in policies:
+                summary, records = evaluate(net, tokenizer, problems, policy, adapter, family, args.max_new, args.samples,
+                                            args.temperature, args.top_p, args.batch_size, args.seed)
+                results["results"].append(dict(bench=bench, policy=policy.policy, budget=policy.budget,
+                                               evict=policy.evict, **summary))
+                f.writelines(json.dumps(dict(bench=bench, policy=policy.policy, **r), ensure_ascii=False) + "\n"
+                             for r in records)
+    results["wall_s"] = time.perf_counter() - start
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"$ {command}\n\n{table(results['results'])}\n\nwall {results['wall_s']:.1f} s; results in {out}/")
+    return results
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = parser()
+    try:
+        return run(p.parse_args(argv), argv)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""eval.py: avg@k / pass@k / lengths / evictions by hand with a stub generate; the CLI end to end on a tiny random Qwen2
+with the real Qwen2.5 tokenizer and chat template; the error messages."""
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_hf
+
+import data
+import encoder
+import eval as ev
+import rollout
+
+QWEN_TOKENIZER = Path("/work/shared/models/qwen2.5")
+PROBLEMS = [dict(id="a", problem="What is 1+1?", answer=["2", "two"]),
+            dict(id="b", problem="A longer problem, so that it is batched first: what is 2+3?", answer="5")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two threads on two shared cores run these tiny forwards ten times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class CharTokenizer:
+    """One token a character: encode/decode in the `tokenizers` API shape."""
+    def encode(self, text, add_special_tokens=True):
+        return SimpleNamespace(ids=[ord(c) for c in text])
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(map(chr, ids))
+
+
+def test_grades_and_aggregates_known_completions(monkeypatch):
+    tok = CharTokenizer()
+    answers = {0: ["\\boxed{2}", "\\boxed{3}", "\\boxed{2}"], 1: ["\\boxed{4}", "x", "\\boxed{6}"]}  # 2/3 and 0/3 right
+    prompts = {tok.decode(tok.encode(data.format_prompt(p["problem"], "qwen2.5")).ids): i for i, p in enumerate(PROBLEMS)}
+    batches = []
+
+    def fake_generate(model, prompt_ids, policy, max_new, adapter=None, temperature=0.0, top_p=1.0, generator=None, **_):
+        texts = [answers[prompts[tok.decode(p)]].pop(0) for p in prompt_ids]  # KeyError: not the templated prompt
+        batches.append(len(texts))
+        T = max(map(len, texts))
+        tokens = torch.tensor([[ord(c) for c in t] + [0] * (T - len(t)) for t in texts])  # (B, T)
+        mask = torch.tensor([[j < len(t) for j in range(T)] for t in texts])  # (B, T)
+        return rollout.Rollout(None, None, tokens, None, mask, torch.tensor([len(t) >= max_new for t in texts]),
+                               evictions=[0, 3], stats=dict(seconds=1.0, tokens=int(mask.sum())))
+
+    monkeypatch.setattr(ev.rollout, "generate", fake_generate)
+    model = SimpleNamespace(embed_tokens=SimpleNamespace(weight=torch.zeros(1)))  # only its device is read
+    summary, records = ev.evaluate(model, tok, PROBLEMS, rollout.CachePolicy("window", 100), family="qwen2.5", max_new=9,
+                                   samples=3, batch_size=2, progress=False)
+    assert batches == [2, 2, 2]
+    assert [(r["id"], r["sample"]) for r in records] == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]
+    assert sorted(r["correct"] for r in records[:3]) == [False, True, True] and not any(r["correct"] for r in records[3:])
+    assert {r["answer"] for r in records} == {"2", "3", "4", "6", None}
+    assert sorted(r["completion"] for r in records[3:]) == ["\\boxed{4}", "\\boxed{6}", "x"]  # decoded up to the mask
+    assert records[0]["gold"] == ["2", "two"] and records[3]["gold"] == "5"
+    # lengths 9,9,9,9,1,9; truncated where length reaches max_new=9; evictions at t=0 and 3 count for t < length - 1
+    assert summary == dict(n=2, samples=3, accuracy=pytest.approx(1 / 3), pass_at_k=0.5, mean_length=pytest.approx(46 / 6),
+                           truncated=pytest.approx(5 / 6), evictions_per_sample=pytest.approx(10 / 6),
+                           tokens_per_s=pytest.approx(46 / 3))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Qwen2 folder with the real Qwen2.5 tokenizer (chat family qwen2.5), a 3-problem benchmark folder,
+    and the prompts' length in tokens (all three the same)."""
+    folder = tmp_path_factory.mktemp("tiny_eval")
+    tiny_hf("qwen2", vocab_size=151936, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+            tie_word_embeddings=True, eos_token_id=151645).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(QWEN_TOKENIZER / name, folder / name)
+    bench = folder / "bench"
+    bench.mkdir()
+    rows = [dict(id=f"p{i}", problem=f"Compute {i} + {i}.", answer=str(2 * i)) for i in range(3)]
+    (bench / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = ev.models.load_tokenizer(folder)
+    (prompt_len,) = {len(tokenizer.encode(data.format_prompt(r["problem"], "qwen2.5"), add_special_tokens=False).ids)
+                     for r in rows}
+    return folder, bench, prompt_len
+
+
+def cli(tiny, tmp_path, *extra):
+    folder, bench, _ = tiny
+    return ev.main(["--model", str(folder), "--bench", "tiny", "--data-dir", str(bench), "--max-new", "12",
+                    "--batch-size", "2", "--threads", "1", "--out", str(tmp_path / "out"), *extra])
+
+
+def test_cli_end_to_end(tiny, tmp_path, capsys):
+    # the budget leaves W = 8 thought slots, m = 4: within 12 tokens one eviction, before token 8 is written
+    results = cli(tiny, tmp_path, "--policy", "full,window", "--cache", str(tiny[2] + 8), "--evict", "0.5",
+                  "--samples", "2", "--temperature", "1.0", "--seed", "3")
+    printed = capsys.readouterr().out
+    assert "--policy full,window" in printed and "| tiny | full | 3 | 2 |" in printed and "| tiny | window | 3 | 2 |" in printed
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["grader_version"] == ev.grade.GRADER_VERSION and saved["chat_family"] == "qwen2.5"
+    assert saved["args"]["seed"] == 3 and saved["args"]["max_new"] == 12 and saved["args"]["temperature"] == 1.0
+    assert saved["results"] == json.loads(json.dumps(results["results"])) and saved["wall_s"] > 0
+    full, window = saved["results"]
+    assert (full["policy"], window["policy"], window["budget"], window["evict"]) == ("full", "window", tiny[2] + 8, 0.5)
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [(s["policy"], s["id"], s["sample"]) for s in samples] == [
+        (p, f"p{i}", k) for p in ("full", "window") for i in range(3) for k in range(2)]
+    assert {s["gold"] for s in samples} == {"0", "2", "4"} and all(isinstance(s["completion"], str) for s in samples)
+    assert all(1 <= s["length"] <= 12 and s["truncated"] == (s["length"] == 12) for s in samples)
+    assert [s["evictions"] for s in samples] == [0] * 6 + [int(s["length"] >= 10) for s in samples[6:]]
+    assert full["evictions_per_sample"] == 0 and window["evictions_per_sample"] == pytest.approx(
+        sum(s["evictions"] for s in samples[6:]) / 6)
+    assert full["mean_length"] == pytest.approx(sum(s["length"] for s in samples[:6]) / 6)
+
+
+def test_adapter_policy_is_used(tiny, tmp_path):
+    adapter = encoder.Adapter(ev.models.load(tiny[0]).config, encoder.AdapterConfig(mode="pte", rank=2, n_globals=2))
+    encoder.save_adapter(adapter, tmp_path / "adapter", policy="pte")
+    results = cli(tiny, tmp_path, "--adapter", str(tmp_path / "adapter"), "--cache", str(tiny[2] + 8), "--evict", "0.5")
+    (pte,) = results["results"]
+    assert (pte["policy"], results["adapter_mode"], pte["n"], pte["samples"]) == ("pte", "pte", 3, 1)
+
+
+def errors(tiny, tmp_path, capsys, *extra):
+    with pytest.raises(SystemExit) as e:
+        cli(tiny, tmp_path, *extra)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_errors(tiny, tmp_path, capsys):
+    folder, bench, _ = tiny
+    (bench / "broken.jsonl").write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?", "answer": \n')
+    assert f"{bench / 'broken.jsonl'}, line 2" in errors(tiny, tmp_path, capsys, "--bench", "broken")
+    assert "'nosuchbench' is not a known data set" in errors(tiny, tmp_path, capsys, "--bench", "nosuchbench")
+    assert "eval.py: error: cache policy 'lru'" in errors(tiny, tmp_path, capsys, "--policy", "full,lru")
+    assert "--samples must be at least 1" in errors(tiny, tmp_path, capsys, "--samples", "0")
+    assert "cache budget 20 leaves" in errors(tiny, tmp_path, capsys, "--policy", "window", "--cache", "20")
+    assert "--policy pte needs --adapter" in errors(tiny, tmp_path, capsys, "--policy", "pte")
+    encoder.save_adapter(encoder.Adapter(ev.models.load(folder).config, encoder.AdapterConfig(mode="lora", rank=2)),
+                         tmp_path / "lora")
+    assert "records no policy" in errors(tiny, tmp_path, capsys, "--adapter", str(tmp_path / "lora"))
+    assert "got mode lora" in errors(tiny, tmp_path, capsys, "--adapter", str(tmp_path / "lora"), "--policy", "pte")
