@@ -1,0 +1,101 @@
+"""The toy task (answers recomputed here from the prompt digits), its memory property, and the shipped toy/ model."""
+import torch
+
+import grade
+import toy
+from cache import evict_count, eviction_steps, thought_slots
+from data import chat_family
+from model import TOY_DIR, load, load_tokenizer
+from rollout import CachePolicy, generate
+
+
+def chain(problem):
+    """x0..x16 from a problem's text, computed independently of toy.py."""
+    words = problem.split()
+    assert words[0] == "<bos>" and words[-1] == "<sep>" and len(words) == toy.PROMPT_LEN
+    xs = [int(words[1])]
+    for o in words[2:-1]:
+        xs.append((xs[-1] + int(o)) % 10)
+    return xs
+
+
+def test_problems_are_deterministic_and_right():
+    problems = toy.make_problems(200, seed=7)
+    assert problems == toy.make_problems(200, seed=7) and problems != toy.make_problems(200, seed=8)
+    assert len({p["id"] for p in problems}) == 200
+    for p in problems:
+        xs = chain(p["problem"])
+        assert p["answer"] == str((xs[4] + xs[16]) % 10)
+    assert {p["answer"] for p in problems} == set("0123456789")
+
+
+def test_trace_by_hand():
+    # x0 = 1 and every operand 1: x_i = 1 + i mod 10, x4 = 5 (memo), x16 = 7, Y = (5 + 7) mod 10 = 2
+    prompt, trace = toy.encode(torch.ones(1, toy.N_OPS + 1, dtype=torch.long))
+    tokenizer = toy.make_tokenizer()
+    assert tokenizer.decode(prompt[0].tolist(), skip_special_tokens=False) == "<bos> " + " ".join("1" * 17) + " <sep>"
+    text = tokenizer.decode(trace[0].tolist(), skip_special_tokens=True)
+    assert text == "2 3 4 m5 6 7 8 9 0 1 2 3 4 5 6 7 = 5 \\boxed{ 2 }"
+    assert grade.extract_answer(text) == "2" and trace[0, -1] == toy.ID["<eos>"]
+
+
+def test_answer_needs_the_memo_thought_that_a_window_of_8_evicts():
+    problems = toy.make_problems(64, seed=3)
+    digits = torch.tensor([[int(w) for w in p["problem"].split()[1:-1]] for p in problems])
+    _, trace = toy.encode(digits)
+    words = [toy.make_tokenizer().decode(t.tolist(), skip_special_tokens=True).split() for t in trace]
+    for w, p in zip(words, problems):
+        x4 = chain(p["problem"])[4]
+        assert w[3] == f"m{x4}" and w[w.index("=") + 1] == str(x4)  # X recalls the memo digit of thought 3
+        assert sum(x.startswith("m") for x in w) == 1 and grade.score(" ".join(w), p["answer"]) == 1.0
+    # at budget P + 8 the memo (thought 3) leaves before thought 10, long before X is written (thought 17)
+    W = thought_slots("window", toy.TOY_DEFAULTS["cache"], toy.PROMPT_LEN, toy.TRACE_LEN)
+    m = evict_count(W, toy.TOY_DEFAULTS["evict"])
+    gone_before = eviction_steps(toy.TRACE_LEN, W, m, "window")[3 // m]  # the eviction that takes thoughts [2, 4)
+    recall_at = words[0].index("=") + 1
+    assert (W, m, gone_before, recall_at) == (8, 2, 10, 17)
+
+
+def test_model_recalls_the_memo_token_not_the_prompt():
+    # rewrite the memo thought to another digit: under the full cache the model recalls what its thought says
+    model = load("toy")
+    g = torch.Generator().manual_seed(5)
+    digits = toy.draw_digits(64, g)
+    prompt, trace = toy.encode(digits)
+    x4 = digits[:, :5].sum(1) % 10
+    other = (x4 + torch.randint(1, 10, (64,), generator=g)) % 10
+    trace[:, 3] = toy.MEMO + other
+    with torch.no_grad():
+        recall = model(torch.cat([prompt, trace[:, :17]], 1))[:, -1].argmax(-1) - toy.DIGIT  # (64,) after "="
+    assert (recall == other).float().mean() >= 0.9
+
+
+def test_shipped_model_full_cache_solves_window_forgets():
+    files = {f.name: f.stat().st_size for f in TOY_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files) and sum(files.values()) < 2e6
+    assert chat_family(TOY_DIR) is None  # no chat template: the prompt is the problem text
+    model, tokenizer = load("toy"), load_tokenizer("toy")
+    assert model.config.eos_ids == (toy.ID["<eos>"],) and model.config.tie_embeddings
+    assert 90_000 < sum(p.numel() for p in model.parameters()) < 110_000
+    problems = toy.make_problems(64, toy.EVAL_SEED)
+    prompts = [tokenizer.encode(p["problem"], add_special_tokens=False).ids for p in problems]
+    assert {len(p) for p in prompts} == {toy.PROMPT_LEN} and prompts[0][0] == toy.ID["<bos>"]
+    acc = {}
+    for policy in ("full", "window"):
+        out = generate(model, prompts, CachePolicy(policy, budget=toy.PROMPT_LEN + 8), max_new=24)
+        assert not out.truncated.any() and out.mask.sum(1).tolist() == [toy.TRACE_LEN] * 64  # stops on <eos>
+        texts = tokenizer.decode_batch(out.tokens.tolist(), skip_special_tokens=True)
+        acc[policy] = sum(grade.score(t, p["answer"]) for t, p in zip(texts, problems)) / 64
+    assert acc["full"] >= 0.95 and acc["window"] <= 0.30, acc
+
+
+def test_build_is_deterministic_and_round_trips(tmp_path):
+    net = toy.train(steps=3, seed=0)
+    toy.save(net, tmp_path / "a")
+    toy.save(toy.train(steps=3, seed=0), tmp_path / "b")
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    loaded = load(tmp_path / "a")
+    x = torch.tensor([load_tokenizer(tmp_path / "a").encode(toy.make_problems(1, 0)[0]["problem"]).ids])  # (1, 19)
+    with torch.no_grad():
+        assert torch.equal(net(x), loaded(x))
