@@ -255,6 +255,9 @@ def main(argv=None):
         start, adapter, opt_state = load_checkpoint(out, settings, model.config, device)
         optimizer = torch.optim.AdamW(trainable(adapter), lr=args.lr, weight_decay=0.0)
         optimizer.load_state_dict(opt_state)
+        log = out / "metrics.jsonl"
+        if rank == 0 and log.exists():  # drop what was logged after the checkpoint: those steps run again
+            log.write_text("".join(line for line in log.read_text().splitlines(True) if json.loads(line)["step"] <= start))
     objective = Objective(model, adapter, args, cache_policy)
     if world > 1:
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)

@@ -40,6 +40,8 @@ def test_resume_is_exact(tmp_path):
     one = train.main(common + ["--steps", "4", "--out", str(tmp_path / "one")])
     two = train.main(common + ["--steps", "2", "--out", str(tmp_path / "two")])
     train.main(common + ["--steps", "4", "--resume", str(two)])
+    steps = [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # nothing logged twice
     a, b = weights(one), weights(two)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
