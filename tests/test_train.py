@@ -29,8 +29,8 @@ def test_short_run_learns_something_and_logs(tmp_path):
                 "clip_frac", "grad_norm", "tokens_per_s", "peak_memory_gb", "wall_seconds"):
         assert key in metrics[0], key
     assert metrics[0]["evictions"] > 0  # the toy's budget forces evictions
-    b = weights(out)["B.q0"]
-    assert b.abs().sum() > 0  # B starts at zero: a non-zero B means an update happened
+    # B starts at zero: a non-zero B means an update happened
+    assert any(v.abs().sum() > 0 for k, v in weights(out).items() if k.startswith("B."))
     assert (out / "latest").read_text() == "step-000002"
 
 
