@@ -46,3 +46,15 @@ def smollm2():
     if done.returncode != 0:
         pytest.skip(f"could not build SmolLM2 with {script}: {done.stderr[-500:]}")
     return Path(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2):
+    """(folder, our model, tokenizer) of the real SmolLM2."""
+    import model
+    return smollm2, model.load(smollm2), model.load_tokenizer(smollm2)
+
+
+def chatml(tokenizer, question):
+    """SmolLM2's chat format for one user message, as token ids."""
+    return tokenizer.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).ids

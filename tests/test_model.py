@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import model as M
 import rollout
 from cache import RingCache
-from conftest import SHARED, tiny_hf
+from conftest import SHARED, chatml, tiny_hf
 
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
 SCALED = dict(rope_theta=500.0, rope_scaling=LLAMA3)  # D = 8: wavelengths 6, 30, 140, 663 hit all three llama3 branches
@@ -228,15 +228,6 @@ def test_registry_name_not_here_and_no_hub(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------- real weights
-
-@pytest.fixture(scope="module")
-def smol(smollm2):
-    return smollm2, M.load(smollm2), M.load_tokenizer(smollm2)
-
-
-def chatml(tokenizer, question):
-    return tokenizer.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).ids
-
 
 @pytest.mark.slow
 def test_smollm2_logits_equal_transformers(smol):

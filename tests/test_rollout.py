@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import model as M
+from conftest import chatml
 from cache import RingCache, evict_count, eviction_steps, thought_slots, unrotate
 from encoder import Adapter, AdapterConfig
 from rollout import CachePolicy, generate, score
@@ -238,15 +239,6 @@ def test_budget_too_small(tiny):
 
 
 # ---------------------------------------------------------------------------------------------------- real SmolLM2
-
-@pytest.fixture(scope="module")
-def smol(smollm2):
-    return smollm2, M.load(smollm2), M.load_tokenizer(smollm2)
-
-
-def chatml(tokenizer, question):
-    return tokenizer.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).ids
-
 
 @pytest.mark.slow
 def test_smollm2_window_equals_masked_reference(smol):

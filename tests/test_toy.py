@@ -1,4 +1,5 @@
 """The toy task (answers recomputed here from the prompt digits), its memory property, and the shipped toy/ model."""
+import pytest
 import torch
 
 import grade
@@ -99,3 +100,67 @@ def test_build_is_deterministic_and_round_trips(tmp_path):
     x = torch.tensor([load_tokenizer(tmp_path / "a").encode(toy.make_problems(1, 0)[0]["problem"]).ids])  # (1, 19)
     with torch.no_grad():
         assert torch.equal(net(x), loaded(x))
+
+
+def test_window_mask_reproduces_the_window_cache():
+    """The build's windowed rows see exactly what a window-policy rollout sees (rollout.score is the reference)."""
+    from cache import ReplayCache
+    from rollout import Rollout, score
+    model, B = load("toy"), 6
+    prompt, trace = toy.encode(toy.draw_digits(B, torch.Generator().manual_seed(1)))
+    windowed = torch.tensor([True, False] * (B // 2))
+    cfg = model.config
+    empty = torch.zeros(cfg.n_layers, B, cfg.n_kv_heads, 0, cfg.head_dim)
+    with torch.no_grad():
+        h = model.hidden(torch.cat([prompt, trace[:, :-1]], 1), cache=ReplayCache(empty, empty, toy.window_mask(windowed)))
+        logp = torch.log_softmax(model.lm_head(h[:, toy.PROMPT_LEN - 1:]), -1).gather(-1, trace[..., None])[..., 0]
+        ro = Rollout(prompt, torch.full((B,), toy.PROMPT_LEN), trace, None, torch.ones_like(trace, dtype=torch.bool), None,
+                     list(range(8, toy.TRACE_LEN - 1, 2)))
+        for policy, rows in (("window", windowed), ("full", ~windowed)):
+            ref = score(model, ro, CachePolicy(policy, toy.TOY_DEFAULTS["cache"]), use_checkpoint=False)
+            torch.testing.assert_close(logp[rows], ref[rows], atol=1e-4, rtol=0)
+    # and the window really hides the memo (thought 3) from X's predecessor (thought 16), not from thought 9
+    allowed = toy.window_mask(torch.tensor([True]))[0, 0] == 0
+    memo = toy.PROMPT_LEN + 3
+    assert allowed[toy.PROMPT_LEN + 9, memo] and not allowed[toy.PROMPT_LEN + 10, memo] and not allowed[toy.PROMPT_LEN + 16, memo]
+    assert allowed[toy.PROMPT_LEN + 16, :toy.PROMPT_LEN].all()  # the prompt is pinned
+
+
+def test_shipped_model_spreads_the_recall_over_the_digits_when_the_memo_is_gone():
+    """Trained with a quarter of its batches under the window: there X is uniform (ln 10 nats), so GRPO's groups see
+    different rewards; with the full cache X is certain."""
+    from rollout import score
+    model, tokenizer = load("toy"), load_tokenizer("toy")
+    prompts = [tokenizer.encode(p["problem"]).ids for p in toy.make_problems(32, toy.EVAL_SEED)]
+    entropy = {}
+    for policy in ("full", "window"):
+        pol = CachePolicy(policy, toy.TOY_DEFAULTS["cache"])
+        out = generate(model, prompts, pol, max_new=toy.TRACE_LEN)
+        with torch.no_grad():
+            ent = score(model, out, pol, token_fn=lambda logits, _, span: -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1))
+        entropy[policy] = ent[:, 17].mean().item()  # predicting X, thought 17
+    assert entropy["full"] < 0.05 and entropy["window"] > 2.1, entropy  # ln 10 = 2.30
+
+
+@pytest.mark.slow
+def test_pte_distillation_recalls_what_the_window_forgets(tmp_path):
+    """A broken encoder (or readout, or eviction hand-over) fails this: 40 distillation steps (~25 s on one core)
+    take PTE from chance to > 0.5 on held-out problems, where the base model under the same window stays at ~0.1."""
+    import train
+    from encoder import load_adapter
+    from eval import evaluate
+    run = train.main(["--model", "toy", "--objective", "distill", "--steps", "40", "--prompts-per-step", "256", "--group", "1",
+                      "--lr", "2e-3", "--seed", "0", "--eval-size", "0", "--threads", "1", "--out", str(tmp_path / "run")])
+    model, tokenizer = load("toy"), load_tokenizer("toy")
+    problems = toy.make_problems(128, toy.EVAL_SEED)
+    accuracy = {}
+    for policy, adapter in (("window", None), ("pte", load_adapter(run / "adapter", model.config))):
+        summary, _ = evaluate(model, tokenizer, problems, CachePolicy(policy, toy.TOY_DEFAULTS["cache"]), adapter,
+                              max_new=toy.TOY_DEFAULTS["max_new"], batch_size=128, progress=False)
+        accuracy[policy] = summary["accuracy"]
+    assert accuracy["window"] < 0.25 and accuracy["pte"] > 0.5, accuracy
+
+
+def test_compare_refuses_bad_seeds():
+    with pytest.raises(SystemExit):
+        toy.main(["compare", "--seeds", "0,one"])
