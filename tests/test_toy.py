@@ -150,7 +150,7 @@ def test_pte_distillation_recalls_what_the_window_forgets(tmp_path):
     from encoder import load_adapter
     from eval import evaluate
     run = train.main(["--model", "toy", "--objective", "distill", "--steps", "40", "--prompts-per-step", "256", "--group", "1",
-                      "--lr", "2e-3", "--seed", "0", "--eval-size", "0", "--threads", "1", "--out", str(tmp_path / "run")])
+                      "--lr", "1e-3", "--seed", "0", "--eval-size", "0", "--threads", "1", "--out", str(tmp_path / "run")])
     model, tokenizer = load("toy"), load_tokenizer("toy")
     problems = toy.make_problems(128, toy.EVAL_SEED)
     accuracy = {}

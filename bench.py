@@ -1,0 +1,268 @@
+"""Speed and memory of the cache policies (SPEC sections 2-4), printed as tables with the command that made them.
+
+  1. Rollout: tokens/s and peak memory against generation length for `full`, `window` and `pte` at one cache
+     budget, beside `transformers`' `generate` (full cache, greedy, same model, batch, dtype and token count), the
+     ratio ours `full` / transformers, and the share of the bandwidth floor that `full` reaches (the floor: every
+     weight byte read once per decode step at the copy bandwidth measured here).
+  2. Training step (`score` with checkpointed segments + GRPO loss + backward, no rollout): time and peak memory
+     against rollout length for `full` (LoRA, `score` checkpointed in chunks of m tokens) and `pte`, same budget.
+  3. `--gpu`: tables 1 and 2 (no peer) at the real shapes of `--gpu-model` (qwen2.5-3b) with random bf16 weights
+     on cuda: a rollout of 3,072 tokens at budget 1,024, batch 8, and one training step at that length.
+
+Rollouts decode exactly `length` tokens (no EOS) from random prompts of `--prompt-len` tokens, timed over the whole
+`generate` call (prefill included) after a 4-token warm-up. `full` and `window` run the bare model, as transformers
+does; `pte` needs its adapter (rank 32 on q, k, v, o; B = 0, so it decodes the base model's tokens at the adapter's
+cost). The training step scores a rollout built without decoding: random tokens, all valid, the eviction schedule
+that generate records (its cost does not depend on the token values).
+Memory: on the CPU the peak resident memory (VmHWM) of a fresh subprocess per configuration, counted from the
+loaded model on (Linux clear_refs), beside its resident memory just after loading (the weights-only baseline);
+on cuda torch.cuda.max_memory_allocated beside torch.cuda.memory_allocated after loading.
+Table 2's subprocesses run with glibc's mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_): with glibc's
+sliding default the heap keeps every segment's freed activations and the RSS grows with the number of segments,
+whatever they hold. Table 1 keeps the default (a fixed threshold adds page faults to every decode step).
+
+  python bench.py --quick                                    # about a minute: small lengths and batch
+  python bench.py                                            # tables 1 and 2: SmolLM2-135M, fp32, CPU (long)
+  python bench.py --gpu                                      # table 3 on cuda
+  python bench.py --gpu --device cpu --gpu-model smollm2-135m --quick   # dry run of table 3 on the CPU
+"""
+import argparse
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+
+import torch
+
+SMOLLM2 = os.path.expanduser("~/.cache/smollm2-135m-instruct")
+SMOLLM2_TOOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tools", "smollm2.sh")
+POLICIES = ("full", "window", "pte")
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+# ---------------------------------------------------------------------------------------------------- one configuration
+
+def prompts(s, vocab):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(100, vocab, (s["batch"], s["prompt_len"]), generator=g)  # (B, P) random ids, no pads
+
+
+def timed(fn, device):
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t0
+
+
+def load_hf(s):
+    import transformers
+    transformers.logging.set_verbosity_error()
+    return transformers.AutoModelForCausalLM.from_pretrained(s["model"], dtype=getattr(torch, s["dtype"])).eval()
+
+
+def rollout_hf(s, hf):
+    ids = prompts(s, hf.config.vocab_size)
+
+    @torch.no_grad()
+    def run(n):
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+    run(4)
+    out, seconds = timed(lambda: run(s["length"]), s["device"])
+    return dict(seconds=seconds, tokens=out[:, ids.shape[1]:].numel())
+
+
+def rollout_ours(s, model):
+    from encoder import Adapter, AdapterConfig
+    from rollout import CachePolicy, generate
+    policy = CachePolicy(s["policy"], s["budget"])
+    adapter = Adapter(model.config, AdapterConfig("pte")).to(s["device"]) if s["policy"] == "pte" else None
+    batch = prompts(s, model.config.vocab_size).tolist()
+    generate(model, batch, policy, 4, adapter, eos_ids=[])
+    out, seconds = timed(lambda: generate(model, batch, policy, s["length"], adapter, eos_ids=[]), s["device"])
+    return dict(seconds=seconds, tokens=int(out.mask.sum()))
+
+
+def train_step(s, model):
+    """score + GRPO loss + backward on a rollout of `length` tokens built without decoding."""
+    import cache
+    from encoder import Adapter, AdapterConfig
+    from grpo import grpo_loss
+    from rollout import CachePolicy, Rollout, score
+    policy, dev = CachePolicy(s["policy"], s["budget"]), s["device"]
+    adapter = Adapter(model.config, AdapterConfig("lora" if s["policy"] == "full" else "pte")).to(dev)
+    B, P, T = s["batch"], s["prompt_len"], s["length"]
+    W = cache.thought_slots(s["policy"], s["budget"], P, T)
+    g = torch.Generator().manual_seed(1)
+    valid = torch.ones(B, T, dtype=torch.bool, device=dev)
+    rollout = Rollout(prompts(s, model.config.vocab_size).to(dev), torch.full((B,), P, device=dev),
+                      torch.randint(100, model.config.vocab_size, (B, T), generator=g).to(dev), torch.zeros(B, T, device=dev),
+                      valid, valid[:, 0], cache.eviction_steps(T - 1, W, cache.evict_count(W, policy.evict), s["policy"]))
+
+    def step():
+        logp = score(model, rollout, policy, adapter, use_checkpoint=True)  # (B, T)
+        loss, _ = grpo_loss(logp, logp.detach(), torch.randn(B, generator=g).to(dev), rollout.mask)
+        loss.backward()
+    return dict(seconds=timed(step, dev)[1], tokens=B * T)
+
+
+def reset_peak_rss():
+    """Forget the loading peak (the checkpoint's bf16 tensors and their fp32 copies coexist for a moment)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: the peak includes loading
+
+
+def peak_rss_mib():
+    """VmHWM, the peak that clear_refs resets (ru_maxrss also keeps the peak seen when any thread exited)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(s):
+    """Run one configuration in this fresh process: its numbers, and its memory in MiB just after loading and at peak."""
+    import model
+    torch.set_num_threads(s["threads"])
+    cuda = s["device"].startswith("cuda")
+    if s["impl"] == "transformers":
+        loaded = load_hf(s)
+    else:
+        loaded = model.load(s["model"], dtype=getattr(torch, s["dtype"]), device=s["device"], random_weights=s["random"])
+    reset_peak_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    unique = {p.data_ptr(): p for p in loaded.parameters()}.values()  # tied embeddings once
+    out = dict(weight_bytes=sum(p.numel() * p.element_size() for p in unique),
+               weights_mib=torch.cuda.memory_allocated() / 2**20 if cuda else peak_rss_mib())
+    if s["impl"] == "transformers":
+        out.update(rollout_hf(s, loaded))
+    else:
+        out.update(rollout_ours(s, loaded) if s["kind"] == "rollout" else train_step(s, loaded))
+    out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()
+    return out
+
+
+def spawn(s, env=None):
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(s)], capture_output=True,
+                          text=True, env=dict(os.environ, **(env or {})))
+    if done.returncode != 0:
+        raise SystemExit(f"bench child {json.dumps(s)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+
+def copy_bandwidth(threads, mib=256):
+    """Bytes per second of one large tensor copy (the bytes counted once), the best of five."""
+    torch.set_num_threads(threads)
+    src = torch.ones(mib * 2**18)
+    dst = torch.empty_like(src)
+    return src.numel() * 4 / min(timed(lambda: dst.copy_(src), "cpu")[1] for _ in range(5))
+
+
+def header(title, a, lines, cols):
+    print(f"\n### {title}\ncommand: python bench.py {' '.join(map(shlex.quote, sys.argv[1:]))}")
+    print(f"settings: {a.model_name} ({a.dtype}, {a.device}{', random weights' if a.gpu else ''}), batch {a.batch}, "
+          f"prompt {a.prompt_len} tokens, cache budget {a.budget}, evict 0.25, threads {a.threads}, torch {torch.__version__}")
+    print("\n".join(lines) + "\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols), flush=True)
+
+
+def row(cells):
+    print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def rollout_table(a, base, peer):
+    impls = [("ours", p) for p in POLICIES] + ([("transformers", "full")] if peer else [])
+    mib = []
+    for i, n in enumerate(a.lengths):
+        r = {p if impl == "ours" else impl: spawn(dict(base, impl=impl, kind="rollout", policy=p, length=n)) for impl, p in impls}
+        tps = {k: v["tokens"] / v["seconds"] for k, v in r.items()}
+        if i == 0:
+            w = r["full"]["weight_bytes"]
+            floor = None if a.device.startswith("cuda") else a.batch * copy_bandwidth(a.threads) / w
+            lines = ["weights only (each subprocess just after loading): " + ", ".join(f"{k} {v['weights_mib']:.0f} MiB" for k, v in r.items())]
+            if floor:
+                lines.append(f"bandwidth floor: {floor:.0f} tokens/s = batch x copy bandwidth ({floor * w / a.batch / 1e9:.1f} GB/s "
+                             f"at {a.threads} threads) / weight bytes ({w / 2**20:.0f} MiB)")
+            header("Rollout: tokens/s and peak memory (MiB) against generation length", a, lines,
+                   ["new tokens"] + [f"{k} tok/s" for k in r] + (["full / transformers"] if peer else [])
+                   + (["full % of floor"] if floor else []) + [f"{k} MiB" for k in r])
+        row([str(n)] + [f"{v:.1f}" for v in tps.values()] + ([f"{tps['full'] / tps['transformers']:.2f}"] if peer else [])
+            + ([f"{100 * tps['full'] / floor:.0f}%"] if floor else []) + [f"{v['peak_mib']:.0f}" for v in r.values()])
+        mib.append({k: v["peak_mib"] for k, v in r.items()})
+    ref = a.lengths.index(512) if 512 in a.lengths[:-1] else 0  # the issue's yardstick: 4,096 tokens against 512
+    if len(mib) > 1:
+        print(f"\npeak memory at {a.lengths[-1]} new tokens against {a.lengths[ref]}: "
+              + ", ".join(f"{k} {100 * (mib[-1][k] / mib[ref][k] - 1):+.1f}%" for k in mib[0]))
+
+
+def train_table(a, base):
+    env = None if a.device.startswith("cuda") else FIXED_MMAP
+    for i, n in enumerate(a.lengths):
+        f, p = (spawn(dict(base, impl="ours", kind="train", policy=k, length=n), env) for k in ("full", "pte"))
+        if i == 0:
+            header("Training step (score + GRPO loss + backward): seconds and peak memory (MiB) against rollout length", a,
+                   [f"weights only (each subprocess just after loading): {f['weights_mib']:.0f} MiB; full: LoRA, score "
+                    "checkpointed in chunks of m tokens; pte: its adapter"],
+                   ["rollout tokens", "full s", "pte s", "full MiB", "pte MiB", "pte / full", "pte / full above weights"])
+        row([str(n), f"{f['seconds']:.1f}", f"{p['seconds']:.1f}", f"{f['peak_mib']:.0f}", f"{p['peak_mib']:.0f}",
+             f"{p['peak_mib'] / f['peak_mib']:.2f}",
+             f"{(p['peak_mib'] - p['weights_mib']) / max(f['peak_mib'] - f['weights_mib'], 1):.2f}"])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small lengths, budget and batch: about a minute")
+    ap.add_argument("--gpu", action="store_true", help="table 3: --gpu-model with random bf16 weights on --device")
+    ap.add_argument("--gpu-model", default="qwen2.5-3b", help="registry name for --gpu (smollm2-135m for a CPU dry run)")
+    ap.add_argument("--device", default=None, help="default: cuda with --gpu, else cpu")
+    ap.add_argument("--tables", default="1,2", help="which of 1 (rollout) and 2 (training step) to run")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in every subprocess")
+    ap.add_argument("--batch", type=int, default=None, help="default 8 (--quick: 4; --gpu --quick: 2)")
+    ap.add_argument("--budget", type=int, default=None, help="cache budget, prompt included (default 1024, --quick 48)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="default 128 (--quick 16)")
+    ap.add_argument("--lengths", default=None, help="comma-separated lengths (default 256,...,4096; --gpu 3072; --quick 32,64)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return
+    a.device = a.device or ("cuda" if a.gpu else "cpu")
+    a.batch = a.batch or (2 if a.quick and a.gpu else 4 if a.quick else 8)
+    a.budget = a.budget or (48 if a.quick else 1024)
+    a.prompt_len = a.prompt_len or (16 if a.quick else 128)
+    a.lengths = [int(x) for x in (a.lengths or ("32,64" if a.quick else "3072" if a.gpu else "256,512,1024,2048,4096")).split(",")]
+    if a.gpu:
+        a.model_name, a.dtype, path = a.gpu_model, "bfloat16", a.gpu_model
+    else:
+        a.model_name, a.dtype = "SmolLM2-135M-Instruct", "float32"
+        path = SMOLLM2 if os.path.isdir(SMOLLM2) else subprocess.run(
+            ["bash", SMOLLM2_TOOL], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    base = dict(model=path, random=a.gpu, dtype=a.dtype, device=a.device, threads=a.threads, batch=a.batch,
+                budget=a.budget, prompt_len=a.prompt_len)
+    peer = not a.gpu
+    try:
+        import transformers  # noqa: F401  (a test-only dependency)
+    except ImportError:
+        print("transformers is not installed: the peer columns are left out", file=sys.stderr)
+        peer = False
+    t0 = time.perf_counter()
+    if "1" in a.tables:
+        rollout_table(a, base, peer)
+    if "2" in a.tables:
+        train_table(a, base)
+    print(f"\n(bench wall time {time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
