@@ -284,7 +284,7 @@ def main(argv=None):
         stats = update(objective, optimizer, ro, adv, ref_logp, teacher, args, world)
         lengths = ro.mask.sum(1).float()
         metrics = dict(step=step + 1, reward=rewards.mean().item(), accuracy=rewards.mean().item(),
-                       zero_std_groups=(rewards.view(-1, args.group).std(1) == 0).float().mean().item(),
+                       zero_std_groups=(rewards.view(-1, args.group).amax(1) == rewards.view(-1, args.group).amin(1)).float().mean().item(),
                        length_mean=lengths.mean().item(), length_max=lengths.max().item(), truncated=ro.truncated.float().mean().item(),
                        evictions=len(ro.evictions), s_update_ratio=ro.stats["s_update_ratio"], **stats,
                        tokens_per_s=ro.stats["tokens_per_s"], peak_memory_gb=peak_memory_gb(device),
