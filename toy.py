@@ -54,7 +54,8 @@ EVAL_SEED, VALID_SEED = 1_000_003, 1_000_004  # held-out test and validation pro
 # the output projections are adapted, and beta is 0.05.
 TOY_DEFAULTS = dict(cache=PROMPT_LEN + 8, evict=0.25, rank=16, alpha=128.0, globals=8, targets="o", lr=1e-3, beta=0.05,
                     group=8, prompts_per_step=32, max_new=TRACE_LEN + 2, steps=300, temperature=1.0,
-                    micro_batch=256, eval_size=256, eval_every=0, save_every=100)  # one backward pass a step
+                    micro_batch=256, eval_size=256, eval_every=0, save_every=100,  # one backward pass a step
+                    threads=1)  # tiny matrices: more threads only add synchronisation (7x slower on a busy machine)
 
 
 def draw_digits(n, generator):
