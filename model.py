@@ -9,16 +9,20 @@ has one, tied or untied `lm_head`. Two hooks make it the base of everything else
   thought encoder's state S, one (B, r, r) matrix per layer, or None for plain LoRA.
 `load()` reads Hugging Face folders (one safetensors file or shards) by path or by registry name, and fails
 with a message that names the problem. Departure from `transformers`: none intended; tests prove parity.
+Speed on the CPU: decoding (fp32, no grad) may run the linears through oneDNN's blocked copy of the weights
+(`packed_weights`, about 2.5x F.linear's throughput at 8 rows) and one-query attention through two plain matmuls (`attend_one`).
 """
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -76,8 +80,7 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
 
 def rms_norm(x, weight, eps):
     # statistics in fp32, cast back before the weight, exactly as transformers does
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -106,6 +109,42 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")  # private ops
+
+
+def dense(x, linear):
+    """linear(x), through oneDNN with the blocked copy of the weight that `packed_weights` made, if any."""
+    if hasattr(linear, "packed"):
+        return torch.ops.mkldnn._linear_pointwise(x, linear.packed, linear.bias, "none", [], "")
+    return F.linear(x, linear.weight, linear.bias)
+
+
+@contextmanager
+def packed_weights(model):
+    """No-grad use only. Within: every fp32 CPU linear of `model` also holds its weight in oneDNN's blocked layout
+    (one more copy of the weights, dropped on exit) for `dense`; elsewhere a no-op. At decode shapes (8 rows)
+    F.linear's MKL sgemm repacks the weight on every call: SmolLM2's linears stream 9-17 GB/s of weights through
+    it on one core here, 23-43 GB/s through the blocked copy."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32
+               and m.weight.device.type == "cpu"] if ONEDNN else []
+    for m in linears:
+        m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.packed
+
+
+def attend_one(q, k, v, mask):
+    """Attention of one query per row (decode): q (B, H, 1, D), k, v (B, Hkv, S, D), mask (B, 1, 1, S) -> (B, H, 1, D).
+    The H / Hkv queries of a KV head are the narrow side of two matmuls; on the CPU 1.2-1.35x SDPA's flash kernel."""
+    B, H, _, D = q.shape
+    q = q.reshape(B, k.shape[1], H // k.shape[1], D) * D ** -0.5  # (B, Hkv, G, D)
+    scores = (k @ q.transpose(-1, -2)).transpose(-1, -2) + mask  # (B, Hkv, G, S)
+    return (torch.softmax(scores, -1) @ v).view(B, H, 1, D)
+
+
 class Block(nn.Module):
     """One decoder layer. Parameter names follow Hugging Face so that checkpoints load by name."""
 
@@ -125,7 +164,7 @@ class Block(nn.Module):
             down_proj=nn.Linear(cfg.ffn_dim, d, bias=False)))
 
     def linear(self, group, name, x, adapter, core):
-        y = group[name + "_proj"](x)
+        y = dense(x, group[name + "_proj"])
         return y if adapter is None or name not in adapter.targets else y + adapter.delta(self.layer, name, x, core)
 
     def forward(self, x, cos, sin, cache, adapter, core):
@@ -140,7 +179,8 @@ class Block(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, D)
         else:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D): everything this chunk may see, itself included
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=True)  # (B, H, T, D)
+            o = (attend_one(q, k, v, cache.mask) if T == 1 and x.device.type == "cpu"
+                 else F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=True))  # (B, H, T, D)
         x = x + self.linear(attn, "o", o.transpose(1, 2).reshape(B, T, -1), adapter, core)
         h = rms_norm(x, self.post_attention_layernorm.weight, cfg.rms_eps)
         gate_up = F.silu(self.linear(mlp, "gate", h, adapter, core)) * self.linear(mlp, "up", h, adapter, core)  # (B, T, F)
@@ -160,15 +200,17 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def hidden(self, tokens, positions=None, cache=None, adapter=None, cores=None):
-        """tokens (B, T) -> final-normed hidden states (B, T, d). Without a cache, a causal forward from position 0."""
+    def hidden(self, tokens, positions=None, cache=None, adapter=None, cores=None, checkpoint_layers=False):
+        """tokens (B, T) -> final-normed hidden states (B, T, d). Without a cache, a causal forward from position 0.
+        checkpoint_layers: backward keeps each layer's input only and recomputes the layer (one more forward)."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.embed_tokens(tokens)  # (B, T, d)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, adapter, None if cores is None else cores[layer.layer])
+            args = (x, cos, sin, cache, adapter, None if cores is None else cores[layer.layer])
+            x = checkpoint(layer, *args, use_reentrant=False) if checkpoint_layers else layer(*args)  # (B, T, d)
         return rms_norm(x, self.norm.weight, self.config.rms_eps)
 
     def forward(self, tokens, positions=None, cache=None, adapter=None, cores=None):

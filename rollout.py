@@ -12,8 +12,13 @@ between evictions; here: runs longer than m are cut into chunks of m, which chan
 inside) but keeps the activation peak at m tokens instead of W (it was 2.3x full's on an H100). Each segment is
 one forward of its tokens against the kept context (prompt + window) with its own S, under
 torch.utils.checkpoint: what stays in memory between segments is each segment's new keys and values, S and
-the log-probs; backward recomputes one segment at a time. Gradients are exact through the cache and the
-whole chain of S updates. Log-softmax and gather happen inside each segment, never over the whole sequence.
+the log-probs; backward recomputes one segment at a time, and within it one layer at a time (layers are
+checkpointed too, so a segment's activations are one layer's, not L layers'). Gradients are exact through the
+cache and the whole chain of S updates. lm_head, log-softmax and gather run in checkpointed chunks of LOGIT_CHUNK positions,
+so the (B, n, V) logits never exist for more than 64 positions at once. `truncate=True` (an option; PAPER.md
+Q7) instead back-propagates each piece at once against constant cache and S: memory fixed by the budget.
+On the CPU in fp32, `generate` holds a second, blocked copy of the weights while it decodes (model.packed_weights):
+about twice the tokens/s for the memory of the weights once more.
 """
 import time
 from dataclasses import dataclass, field
@@ -24,8 +29,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cache import MIN_THOUGHT_SLOTS, ReplayCache, RingCache, attention_mask, evict_count, eviction_steps, thought_slots, unrotate
+from model import dense, packed_weights
 
 POLICIES = ("full", "window", "pte")
+LOGIT_CHUNK = 64  # positions per checkpointed lm_head + log-softmax in score: (B, 64, V) logits at most
 
 
 @dataclass
@@ -101,33 +108,38 @@ def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, tempera
     W = thought_slots(policy.policy, policy.budget, P, max_new)
     m = evict_count(W, policy.evict)
     cache = RingCache.allocate(cfg, B, P, W, dtype, device)
-    cores = adapter.initial_cores(B) if adapter is not None else None
-    t0 = time.perf_counter()
-    cache.write_prompt(positions)
-    logits = model.lm_head(model.hidden(prompt, positions.clamp(min=0), cache, adapter, cores)[:, -1])  # (B, V)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, logprobs, masks, evictions, ratios, evicted = [], [], [], [], [], 0
-    for t in range(max_new):
-        token, logp = sample(logits, temperature, top_p, generator)
-        token = token.masked_fill(done, pad_id)
-        tokens.append(token), logprobs.append(logp), masks.append(~done)
-        done = done | torch.isin(token, eos)
-        if t == max_new - 1 or bool(done.all()):
-            break
-        if policy.policy != "full" and t - evicted == W:  # ring full: evict the oldest m before writing token t
-            k, v, pos = cache.evict(evicted, m)
-            evicted, _ = evicted + m, evictions.append(t)
-            if policy.policy == "pte":
-                cores, ratio = adapter.update_cores(cores, _flat(unrotate(k, pos, model.inv_freq)), _flat(v))
-                ratios.append(ratio)
-        cache.write_thought(t, lens + t)
-        logits = model.lm_head(model.hidden(token[:, None], (lens + t)[:, None], cache, adapter, cores)[:, -1])
+    with packed_weights(model):  # CPU fp32: a second, blocked copy of the weights while decoding (2x faster)
+        cores = adapter.initial_cores(B) if adapter is not None else None
+        t0 = time.perf_counter()
+        cache.write_prompt(positions)
+        logits = dense(model.hidden(prompt, positions.clamp(min=0), cache, adapter, cores)[:, -1], model.lm_head)  # (B, V)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        # outputs written in place: per-step survivors would pin the heap under the growing attention temporaries
+        tokens = torch.full((B, max_new), pad_id, device=device)  # (B, T)
+        logprobs, masks = torch.zeros(B, max_new, device=device), torch.zeros(B, max_new, dtype=torch.bool, device=device)
+        evictions, ratios, evicted, steps = [], [], 0, 0
+        for t in range(max_new):
+            token, logp = sample(logits, temperature, top_p, generator)
+            token = token.masked_fill(done, pad_id)
+            tokens[:, t], logprobs[:, t], masks[:, t], steps = token, logp, ~done, t + 1
+            done = done | torch.isin(token, eos)
+            if t == max_new - 1 or bool(done.all()):
+                break
+            if policy.policy != "full" and t - evicted == W:  # ring full: evict the oldest m before writing token t
+                dropped = cache.evict(evicted, m, copy=policy.policy == "pte")  # their keys, values, positions
+                evicted, _ = evicted + m, evictions.append(t)
+                if dropped is not None:  # pte: fold them into S
+                    k, v, pos = dropped
+                    cores, ratio = adapter.update_cores(cores, _flat(unrotate(k, pos, model.inv_freq)), _flat(v))
+                    ratios.append(ratio)
+            cache.write_thought(t, lens + t)
+            logits = dense(model.hidden(token[:, None], (lens + t)[:, None], cache, adapter, cores)[:, -1], model.lm_head)
     seconds = time.perf_counter() - t0
-    mask = torch.stack(masks, 1)
-    stats = dict(seconds=seconds, tokens=int(mask.sum()), tokens_per_s=int(mask.sum()) / seconds, steps=len(tokens),
+    tokens, logprobs, mask = tokens[:, :steps], logprobs[:, :steps], masks[:, :steps]
+    stats = dict(seconds=seconds, tokens=int(mask.sum()), tokens_per_s=int(mask.sum()) / seconds, steps=steps,
                  cache_slots=P + W, cache_slots_used=cache.used, evictions=len(evictions),
                  s_update_ratio=sum(ratios) / len(ratios) if ratios else None)
-    return Rollout(prompt, lens, torch.stack(tokens, 1), torch.stack(logprobs, 1), mask, ~done, evictions, stats)
+    return Rollout(prompt, lens, tokens, logprobs, mask, ~done, evictions, stats)
 
 
 def token_logprobs(temperature):
@@ -137,9 +149,29 @@ def token_logprobs(temperature):
     return fn
 
 
-def score(model, rollout: Rollout, policy: CachePolicy, adapter=None, temperature=0.0, use_checkpoint=True, token_fn=None):
+class _Truncated(torch.autograd.Function):
+    """values = replay() without a graph; backward replays once more, each piece back-propagating its share of
+    the incoming gradient at once (replay(grad)), so that no graph ever spans two pieces."""
+
+    @staticmethod
+    def forward(ctx, replay, anchor):
+        ctx.replay = replay
+        return replay()
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch.enable_grad():
+            ctx.replay(grad)
+        return None, None
+
+
+def score(model, rollout: Rollout, policy: CachePolicy, adapter=None, temperature=0.0, use_checkpoint=True, token_fn=None,
+          truncate=False):
     """Replay the rollout under its policy, segment by segment; returns (B, T) log-probs of its tokens (with
-    autograd when enabled), or token_fn(logits (B, n, V), targets (B, n), span) -> (B, n) for each segment."""
+    autograd when enabled), or token_fn(logits (B, n, V), targets (B, n), span) -> (B, n) for each segment.
+    truncate: truncated backprop (PAPER Q7, an option): each piece sees the cache and S of the pieces before it
+    as constants and back-propagates as soon as its gradient is known, so training memory is fixed by the budget
+    like generate's, not by the rollout length; the gradient drops the paths through the cache and the chain of S."""
     _check(policy, adapter)
     token_fn = token_fn or token_logprobs(temperature)
     prompt, lens, tokens = rollout.prompts, rollout.prompt_lens, rollout.tokens
@@ -160,9 +192,13 @@ def score(model, rollout: Rollout, policy: CachePolicy, adapter=None, temperatur
 
     def forward(inputs, q_pos, key_pos, past_k, past_v, cores, last_only, span):
         cache = ReplayCache(past_k, past_v, attention_mask(key_pos, q_pos, dtype))
-        h = model.hidden(inputs, q_pos.clamp(min=0), cache, adapter, cores)  # (B, n, d)
+        h = model.hidden(inputs, q_pos.clamp(min=0), cache, adapter, cores, checkpoint_layers=use_checkpoint)  # (B, n, d)
         h = h[:, -1:] if last_only else h  # the prompt only predicts the first completion token
-        return torch.stack(cache.new_k), torch.stack(cache.new_v), token_fn(model.lm_head(h), tokens[:, span[0]:span[1]], span)
+        return torch.stack(cache.new_k), torch.stack(cache.new_v), torch.cat([
+            run(token_values, h[:, i:i + LOGIT_CHUNK], span[0] + i) for i in range(0, h.shape[1], LOGIT_CHUNK)], 1)
+
+    def token_values(h, a):  # (B, n, d) -> (B, n): the (B, n, V) logits of at most LOGIT_CHUNK positions at a time
+        return token_fn(model.lm_head(h), tokens[:, a:a + h.shape[1]], (a, a + h.shape[1]))
 
     def prefill(cores):
         empty = model.embed_tokens.weight.new_empty(model.config.n_layers, B, model.config.n_kv_heads, 0, model.config.head_dim)
@@ -183,15 +219,30 @@ def score(model, rollout: Rollout, policy: CachePolicy, adapter=None, temperatur
         past_v = torch.cat([prompt_v, vs[:, :, :, lo - first:a - first]], 3)
         return (cores, *forward(tokens[:, a:b], q_pos, key_pos, past_k, past_v, cores, False, (a + 1, b + 1)))
 
-    cores = adapter.initial_cores(B) if adapter is not None else None
-    prompt_k, prompt_v, first_values = run(prefill, cores)
-    values, saved, lo = [first_values], [], 0  # saved: (first token, keys, values) of each thought segment
-    for a, b in zip(bounds, bounds[1:]):
-        lo_prev, lo = lo, lo + (m if a in steps else 0)
-        keep = [s for s in saved if s[0] + s[1].shape[3] > lo_prev]  # segments still holding tokens >= lo_prev
-        first = keep[0][0] if keep else a
-        cores, k, v, seg_values = run(partial(segment, a, b, lo_prev, lo, first), cores, prompt_k, prompt_v,
-                                      *[s[1] for s in keep], *[s[2] for s in keep])
-        saved.append((a, k, v))
-        values.append(seg_values)
-    return torch.cat(values, 1)  # (B, T)
+    def replay(grad=None):
+        """All pieces in order: one graph over them (each checkpointed), or, given the gradient of the (B, T)
+        values, truncated backprop: each piece back-propagates its slice of it and hands on detached outputs."""
+        def piece(f, span, *inputs):
+            if grad is None:
+                return run(f, *inputs)
+            out = f(*inputs)
+            torch.autograd.backward(out[-1], grad[:, span[0]:span[1]])
+            return [None if o is None else o.detach() for o in out]
+
+        cores = adapter.initial_cores(B) if adapter is not None else None
+        prompt_k, prompt_v, first_values = piece(prefill, (0, 1), cores)
+        values, saved, lo = [first_values], [], 0  # saved: (first token, keys, values) of the segments in the window
+        for a, b in zip(bounds, bounds[1:]):
+            lo_prev, lo = lo, lo + (m if a in steps else 0)
+            saved = [s for s in saved if s[0] + s[1].shape[3] > lo_prev]  # segments still holding tokens >= lo_prev
+            if grad is not None and lo_prev == 0 and adapter is not None:
+                cores = adapter.initial_cores(B)  # S(0) again: the global tokens learn from every piece before the first fold
+            cores, k, v, seg_values = piece(partial(segment, a, b, lo_prev, lo, saved[0][0] if saved else a), (a + 1, b + 1),
+                                            cores, prompt_k, prompt_v, *[s[1] for s in saved], *[s[2] for s in saved])
+            saved.append((a, k, v))
+            values.append(seg_values)
+        return torch.cat(values, 1)  # (B, T)
+
+    if truncate and torch.is_grad_enabled() and adapter is not None:
+        return _Truncated.apply(replay, torch.ones((), requires_grad=True))  # the anchor makes the values need grad
+    return replay()

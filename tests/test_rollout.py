@@ -192,6 +192,67 @@ def test_score_gradients(tiny, policy, mode):
         assert (per_layer.abs().sum(1) > 0).all(), f"{name} gets no gradient"
 
 
+class DetachOutside(MaskOnly):
+    """MaskOnly whose keys and values outside one piece of the sequence are constants: truncated backprop by hand."""
+
+    def __init__(self, mask, inside):
+        super().__init__(mask)
+        self.inside = inside[:, None]  # (S, 1): broadcasts over (B, Hkv, S, D)
+
+    def update(self, layer, k, v):
+        return torch.where(self.inside, k, k.detach()), torch.where(self.inside, v, v.detach())
+
+
+def test_truncated_gradients_equal_pieces_by_hand(tiny):
+    """score(truncate=True) returns the same values; its gradient is the sum over pieces (the prompt, then the
+    segments cut at evictions and every m tokens) of each piece's own gradient with every other token's keys and
+    values held constant, computed here on one masked forward; and it differs from the exact gradient."""
+    adapter = make_adapter(tiny.config, "lora")
+    roll, pol = run(tiny, "window", adapter), CachePolicy("window", P + W)
+    weights = torch.randn(roll.tokens.shape, generator=gen(1))
+
+    def grads(logp, t0=0, t1=None):
+        adapter.zero_grad(set_to_none=True)
+        (logp * roll.mask * weights)[:, t0:t1].sum().backward()
+        return {name: p.grad.clone() for name, p in adapter.named_parameters()}
+
+    exact, truncated = score(tiny, roll, pol, adapter, 1.0), score(tiny, roll, pol, adapter, 1.0, truncate=True)
+    assert torch.equal(exact, truncated) and truncated.requires_grad
+    exact, truncated = grads(exact), grads(truncated)
+    T, m = roll.tokens.shape[1], evict_count(W, 0.25)
+    bounds = sorted({0, T - 1, *eviction_steps(T - 1, W, m, "window"), *range(0, T - 1, m)})
+    pieces = [(0, P, 0, 1)] + [(P + a, P + b, a + 1, b + 1) for a, b in zip(bounds, bounds[1:])]  # inputs, targets
+    allowed, positions = reference_mask(roll, W, m)
+    seq, by_hand = torch.cat([roll.prompts, roll.tokens], 1), {}
+    for s0, s1, t0, t1 in pieces:
+        inside = torch.zeros(P + T, dtype=torch.bool)
+        inside[s0:s1] = True
+        logits = tiny(seq, positions, DetachOutside(additive(allowed), inside), adapter)
+        for name, g in grads(gather_logprobs(logits, roll), t0, t1).items():
+            by_hand[name] = by_hand.get(name, 0) + g
+    for name, g in truncated.items():
+        assert torch.allclose(g, by_hand[name], rtol=1e-4, atol=1e-7), name
+    assert not all(torch.allclose(g, exact[name], rtol=1e-3) for name, g in truncated.items())
+
+
+def test_truncated_pte_reaches_every_parameter(tiny):
+    """Under pte, truncation still trains every encoder tensor in every layer (S(0)'s global tokens included), and
+    a loss on the first completion token alone (the prompt piece) has the exact gradient."""
+    adapter = make_adapter(tiny.config, "pte")
+    roll, pol = run(tiny, "pte", adapter), CachePolicy("pte", P + W)
+    for t1 in (None, 1):
+        g = {}
+        for truncate in (False, True):
+            adapter.zero_grad(set_to_none=True)
+            (score(tiny, roll, pol, adapter, 1.0, truncate=truncate) * roll.mask)[:, :t1].sum().backward()
+            g[truncate] = {name: p.grad.clone() for name, p in adapter.named_parameters() if p.grad is not None}
+        if t1 is None:
+            assert len(g[True]) == len(list(adapter.parameters()))
+            assert all((x.flatten(1) if x.dim() == 3 else x.flatten()[None]).abs().sum(1).gt(0).all() for x in g[True].values())
+        else:
+            assert g[True].keys() == g[False].keys() and all(torch.allclose(g[True][n], g[False][n]) for n in g[True])
+
+
 def test_full_ignores_budget(tiny):
     roll = run(tiny, "full", budget=P)  # full keeps everything: the budget only sets its checkpoint chunk size
     with torch.no_grad():

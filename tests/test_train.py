@@ -70,11 +70,14 @@ def test_bad_input_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_equal_one_process_on_the_union(tmp_path):
+@pytest.mark.parametrize("truncate", [[], ["--truncate"]])
+def test_torchrun_two_ranks_equal_one_process_on_the_union(tmp_path, truncate):
     """DDP over gloo: 2 ranks with 2 prompts each make the same update as 1 process with all 4. Greedy rollouts
-    and the distillation objective make the rollouts independent of the batch split and the gradient non-zero."""
+    and the distillation objective make the rollouts independent of the batch split and the gradient non-zero.
+    --truncate sums the gradients by hand instead of through DDP's hooks."""
     args = ["train.py", "--model", "toy", "--objective", "distill", "--temperature", "0", "--steps", "1",
-            "--prompts-per-step", "4", "--group", "2", "--micro-batch", "2", "--eval-size", "0", "--threads", "1", "--lr", "1e-2"]
+            "--prompts-per-step", "4", "--group", "2", "--micro-batch", "2", "--eval-size", "0", "--threads", "1", "--lr", "1e-2",
+            *truncate]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
                     "--out", str(tmp_path / "ddp")], cwd=ROOT, env=env, check=True, capture_output=True)
@@ -83,3 +86,18 @@ def test_torchrun_two_ranks_equal_one_process_on_the_union(tmp_path):
     assert any(one[k].abs().sum() > 0 for k in one if k.startswith("B."))
     for k in one:
         torch.testing.assert_close(ddp[k], one[k], atol=1e-6, rtol=1e-5)
+
+
+def test_peak_memory_is_per_step():
+    """metrics.jsonl's peak is the step's, not the process's: a 256 MiB buffer freed before the reset is not seen."""
+    cpu = torch.device("cpu")
+    train.reset_peak_memory(cpu)
+    before = train.peak_memory_gb(cpu)
+    big = torch.ones(2**26)  # 256 MiB, touched
+    during = train.peak_memory_gb(cpu)
+    del big
+    train.reset_peak_memory(cpu)
+    after = train.peak_memory_gb(cpu)
+    assert during - before > 0.2
+    if os.path.exists("/proc/self/clear_refs"):  # Linux: the high-water mark restarts at the current size
+        assert after < during - 0.2
