@@ -5,7 +5,8 @@
      ratio ours `full` / transformers, and the share of the bandwidth floor that `full` reaches (the floor: every
      weight byte read once per decode step at the copy bandwidth measured here).
   2. Training step (`score` with checkpointed segments + GRPO loss + backward, no rollout): time and peak memory
-     against rollout length for `full` (LoRA, `score` checkpointed in chunks of m tokens) and `pte`, same budget.
+     against rollout length for `full` (LoRA, `score` checkpointed in chunks of m tokens) and `pte`, same budget,
+     with exact gradients and with `--truncate` (each segment back-propagated at once: memory fixed by the budget).
   3. `--gpu`: tables 1 and 2 (no peer) at the real shapes of `--gpu-model` (qwen2.5-3b) with random bf16 weights
      on cuda: a rollout of 3,072 tokens at budget 1,024, batch 8, and one training step at that length.
 
@@ -29,7 +30,6 @@ whatever they hold. Table 1 keeps the default (a fixed threshold adds page fault
 import argparse
 import json
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -105,50 +105,31 @@ def train_step(s, model):
                       valid, valid[:, 0], cache.eviction_steps(T - 1, W, cache.evict_count(W, policy.evict), s["policy"]))
 
     def step():
-        logp = score(model, rollout, policy, adapter, use_checkpoint=True)  # (B, T)
+        logp = score(model, rollout, policy, adapter, truncate=s.get("truncate", False))  # (B, T)
         loss, _ = grpo_loss(logp, logp.detach(), torch.randn(B, generator=g).to(dev), rollout.mask)
         loss.backward()
     return dict(seconds=timed(step, dev)[1], tokens=B * T)
 
 
-def reset_peak_rss():
-    """Forget the loading peak (the checkpoint's bf16 tensors and their fp32 copies coexist for a moment)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # not Linux: the peak includes loading
-
-
-def peak_rss_mib():
-    """VmHWM, the peak that clear_refs resets (ru_maxrss also keeps the peak seen when any thread exited)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child(s):
     """Run one configuration in this fresh process: its numbers, and its memory in MiB just after loading and at peak."""
     import model
+    from train import peak_memory_gb, reset_peak_memory
     torch.set_num_threads(s["threads"])
     cuda = s["device"].startswith("cuda")
     if s["impl"] == "transformers":
         loaded = load_hf(s)
     else:
         loaded = model.load(s["model"], dtype=getattr(torch, s["dtype"]), device=s["device"], random_weights=s["random"])
-    reset_peak_rss()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(torch.device(s["device"]))
     unique = {p.data_ptr(): p for p in loaded.parameters()}.values()  # tied embeddings once
     out = dict(weight_bytes=sum(p.numel() * p.element_size() for p in unique),
-               weights_mib=torch.cuda.memory_allocated() / 2**20 if cuda else peak_rss_mib())
+               weights_mib=torch.cuda.memory_allocated() / 2**20 if cuda else peak_memory_gb(torch.device("cpu")) * 1024)
     if s["impl"] == "transformers":
         out.update(rollout_hf(s, loaded))
     else:
         out.update(rollout_ours(s, loaded) if s["kind"] == "rollout" else train_step(s, loaded))
-    out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()
+    out["peak_mib"] = peak_memory_gb(torch.device(s["device"])) * 1024
     return out
 
 
@@ -182,15 +163,19 @@ def row(cells):
 
 
 def rollout_table(a, base, peer):
-    impls = [("ours", p) for p in POLICIES] + ([("transformers", "full")] if peer else [])
+    peer = peer and "full" in a.policies  # the peer is a full cache: it stands beside ours `full`
+    impls = [("ours", p) for p in a.policies] + ([("transformers", "full")] if peer else [])
     mib = []
     for i, n in enumerate(a.lengths):
         r = {p if impl == "ours" else impl: spawn(dict(base, impl=impl, kind="rollout", policy=p, length=n)) for impl, p in impls}
         tps = {k: v["tokens"] / v["seconds"] for k, v in r.items()}
         if i == 0:
-            w = r["full"]["weight_bytes"]
-            floor = None if a.device.startswith("cuda") else a.batch * copy_bandwidth(a.threads) / w
+            w = next(iter(r.values()))["weight_bytes"]
+            floor = None if a.device.startswith("cuda") or "full" not in r else a.batch * copy_bandwidth(a.threads) / w
             lines = ["weights only (each subprocess just after loading): " + ", ".join(f"{k} {v['weights_mib']:.0f} MiB" for k, v in r.items())]
+            if not a.device.startswith("cuda"):
+                lines.append("ours: generate adds a blocked copy of the fp32 weights while it decodes (model.packed_weights), "
+                             "counted in its MiB")
             if floor:
                 lines.append(f"bandwidth floor: {floor:.0f} tokens/s = batch x copy bandwidth ({floor * w / a.batch / 1e9:.1f} GB/s "
                              f"at {a.threads} threads) / weight bytes ({w / 2**20:.0f} MiB)")
@@ -200,8 +185,9 @@ def rollout_table(a, base, peer):
         row([str(n)] + [f"{v:.1f}" for v in tps.values()] + ([f"{tps['full'] / tps['transformers']:.2f}"] if peer else [])
             + ([f"{100 * tps['full'] / floor:.0f}%"] if floor else []) + [f"{v['peak_mib']:.0f}" for v in r.values()])
         mib.append({k: v["peak_mib"] for k, v in r.items()})
-    ref = a.lengths.index(512) if 512 in a.lengths[:-1] else 0  # the issue's yardstick: 4,096 tokens against 512
-    if len(mib) > 1:
+    yardstick = a.lengths.index(512) if 512 in a.lengths[:-1] else 0  # the issue's: 4,096 tokens against 512
+    evicting = [i for i, n in enumerate(a.lengths[:-1]) if n > a.budget - a.prompt_len]  # the window has evicted by then
+    for ref in dict.fromkeys([yardstick, *evicting[:1]]) if len(mib) > 1 else []:
         print(f"\npeak memory at {a.lengths[-1]} new tokens against {a.lengths[ref]}: "
               + ", ".join(f"{k} {100 * (mib[-1][k] / mib[ref][k] - 1):+.1f}%" for k in mib[0]))
 
@@ -209,15 +195,18 @@ def rollout_table(a, base, peer):
 def train_table(a, base):
     env = None if a.device.startswith("cuda") else FIXED_MMAP
     for i, n in enumerate(a.lengths):
-        f, p = (spawn(dict(base, impl="ours", kind="train", policy=k, length=n), env) for k in ("full", "pte"))
+        f, p, t = (spawn(dict(base, impl="ours", kind="train", policy=k, truncate=trunc, length=n), env)
+                   for k, trunc in (("full", False), ("pte", False), ("pte", True)))
         if i == 0:
             header("Training step (score + GRPO loss + backward): seconds and peak memory (MiB) against rollout length", a,
                    [f"weights only (each subprocess just after loading): {f['weights_mib']:.0f} MiB; full: LoRA, score "
-                    "checkpointed in chunks of m tokens; pte: its adapter"],
-                   ["rollout tokens", "full s", "pte s", "full MiB", "pte MiB", "pte / full", "pte / full above weights"])
-        row([str(n), f"{f['seconds']:.1f}", f"{p['seconds']:.1f}", f"{f['peak_mib']:.0f}", f"{p['peak_mib']:.0f}",
-             f"{p['peak_mib'] / f['peak_mib']:.2f}",
-             f"{(p['peak_mib'] - p['weights_mib']) / max(f['peak_mib'] - f['weights_mib'], 1):.2f}"])
+                    "checkpointed in chunks of m tokens; pte: its adapter, exact gradients; pte-trunc: --truncate"],
+                   ["rollout tokens", "full s", "pte s", "pte-trunc s", "full MiB", "pte MiB", "pte-trunc MiB", "pte / full",
+                    "pte-trunc / full", "same, above weights"])
+        above = max(f["peak_mib"] - f["weights_mib"], 1)
+        row([str(n)] + [f"{r['seconds']:.1f}" for r in (f, p, t)] + [f"{r['peak_mib']:.0f}" for r in (f, p, t)]
+            + [f"{p['peak_mib'] / f['peak_mib']:.2f}", f"{t['peak_mib'] / f['peak_mib']:.2f}",
+               f"{(p['peak_mib'] - p['weights_mib']) / above:.2f}, {(t['peak_mib'] - t['weights_mib']) / above:.2f}"])
 
 
 def main():
@@ -227,6 +216,7 @@ def main():
     ap.add_argument("--gpu-model", default="qwen2.5-3b", help="registry name for --gpu (smollm2-135m for a CPU dry run)")
     ap.add_argument("--device", default=None, help="default: cuda with --gpu, else cpu")
     ap.add_argument("--tables", default="1,2", help="which of 1 (rollout) and 2 (training step) to run")
+    ap.add_argument("--policies", default="full,window,pte", help="table 1's policies (transformers runs beside full)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every subprocess")
     ap.add_argument("--batch", type=int, default=None, help="default 8 (--quick: 4; --gpu --quick: 2)")
     ap.add_argument("--budget", type=int, default=None, help="cache budget, prompt included (default 1024, --quick 48)")
@@ -238,6 +228,9 @@ def main():
         print(json.dumps(child(json.loads(a.child))))
         return
     a.device = a.device or ("cuda" if a.gpu else "cpu")
+    a.policies = [p for p in a.policies.split(",") if p]
+    if not a.policies or set(a.policies) - set(POLICIES):
+        ap.error(f"--policies {','.join(a.policies)}: choose from {','.join(POLICIES)}")
     a.batch = a.batch or (2 if a.quick and a.gpu else 4 if a.quick else 8)
     a.budget = a.budget or (48 if a.quick else 1024)
     a.prompt_len = a.prompt_len or (16 if a.quick else 128)

@@ -45,8 +45,14 @@ SHAPE_KEYS = ("model", "policy", "rank", "globals", "targets")  # a checkpoint m
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="--model toy replaces some paper defaults with the toy's (toy.TOY_DEFAULTS).")
+
+    def a(flag, **kw):  # the help shows the paper default of a flag left unset, else the argparse default
+        key = flag[2:].replace("-", "_")
+        default = PAPER_DEFAULTS.get(key, kw.get("default"))
+        kw["help"] += "" if default is None or default is False else f" (default: {default})"
+        p.add_argument(flag, **kw)
     a("--model", default="toy", help="registry name (qwen2.5-3b, r1-llama-8b, smollm2-135m, toy, ...) or Hugging Face folder")
     a("--policy", help="cache policy: pte | window (LoRA_c) | full (LoRA) | global-0 | global-only (pte ablations)")
     a("--objective", default="grpo", choices=["grpo", "distill"], help="distill: our extension, KL to the full-cache base model")
@@ -68,6 +74,8 @@ def parse_args(argv=None):
     a("--beta", type=float, help="k3 KL coefficient to the base model (adapter off, same cache policy)")
     a("--loss", choices=["token-mean", "seq-mean", "constant"], help="loss aggregation (DAPO, GRPO, Dr. GRPO)")
     a("--no-std", action="store_true", help="advantages r - mean without std normalisation (Dr. GRPO)")
+    a("--truncate", action="store_true", help="truncated backprop: each segment back-propagates at once against "
+      "the cache and S as constants (PAPER Q7); memory fixed by --cache instead of growing with the rollout")
     a("--data", help="training problems: comma-separated JSONL paths or names (math_train, gsm8k, dapo-math-17k, ...)")
     a("--data-dir", help="where names resolve: default $PTE_DATA, else data/")
     a("--eval-size", type=int, help="held-out problems for --eval-every and the closing table (split off the training data)")
@@ -138,20 +146,24 @@ class Objective(nn.Module):
         self.adapter, self.args, self.policy = adapter, args, policy
         object.__setattr__(self, "model", model)
 
-    def forward(self, ro, adv, ref_logp, teacher, n_rows, n_tokens):
+    def forward(self, ro, adv, ref_logp, n_rows, n_tokens):
         a = self.args
         if a.objective == "distill":  # forward KL(full-cache base || cache-constrained policy) per token
-            per_token = score(self.model, ro, self.policy, self.adapter, use_checkpoint=True, token_fn=lambda logits, _, span: (
+            with torch.no_grad():  # the teacher's (b, T, V) log-probs, one micro-batch at a time
+                teacher = score(self.model, ro, CachePolicy("full", a.cache, a.evict), None,
+                                token_fn=lambda logits, _, span: torch.log_softmax(logits.float(), -1))
+            per_token = score(self.model, ro, self.policy, self.adapter, truncate=a.truncate, token_fn=lambda logits, _, span: (
                 teacher[:, span[0]:span[1]].exp() * (teacher[:, span[0]:span[1]] - torch.log_softmax(logits.float(), -1))).sum(-1))
             loss = torch.where(ro.mask, per_token, 0).sum() / n_tokens
             return loss, dict(kl=loss.item() * n_tokens / max(int(ro.mask.sum()), 1), clip_frac=0.0)
-        logp = score(self.model, ro, self.policy, self.adapter, a.temperature, use_checkpoint=True)  # (b, T)
+        logp = score(self.model, ro, self.policy, self.adapter, a.temperature, truncate=a.truncate)  # (b, T)
         return grpo_loss(logp, ro.logprobs, adv, ro.mask, ref_logp, a.beta, how=a.loss, max_new=a.max_new, n_rows=n_rows, n_tokens=n_tokens)
 
 
-def update(objective, optimizer, ro, adv, ref_logp, teacher, args, world):
+def update(objective, optimizer, ro, adv, ref_logp, args, world):
     """One optimizer step on a rank's rollouts, micro-batched; the normalisers count all ranks' rows and tokens,
-    and DDP averages the gradients, hence the factor `world`."""
+    and DDP averages the gradients, hence the factor `world`. --truncate accumulates each parameter's gradient
+    once per segment, which DDP's hooks refuse: there the gradients are summed by hand after the last micro-batch."""
     counts = torch.tensor([ro.mask.shape[0], ro.mask.sum()], dtype=torch.float64, device=ro.mask.device)
     if world > 1:
         dist.all_reduce(counts)
@@ -159,13 +171,17 @@ def update(objective, optimizer, ro, adv, ref_logp, teacher, args, world):
     chunks = torch.arange(ro.mask.shape[0], device=ro.mask.device).split(args.micro_batch)
     stats = []
     for i, rows in enumerate(chunks):
-        sync = nullcontext() if i == len(chunks) - 1 or world == 1 else objective.no_sync()
+        sync = nullcontext() if world == 1 or (i == len(chunks) - 1 and not args.truncate) else objective.no_sync()
         with sync:
-            loss, s = objective(take(ro, rows), adv[rows], None if ref_logp is None else ref_logp[rows],
-                                None if teacher is None else teacher[rows], n_rows, n_tokens)
+            loss, s = objective(take(ro, rows), adv[rows], None if ref_logp is None else ref_logp[rows], n_rows, n_tokens)
             (loss * world).backward()
         stats.append(dict(s, loss=loss.item(), rows=len(rows)))
     params = trainable(objective.module.adapter if world > 1 else objective.adapter)
+    if world > 1 and args.truncate:
+        for p in params:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            dist.all_reduce(p.grad)
+            p.grad /= world
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -204,10 +220,26 @@ def load_checkpoint(run: Path, settings, model_cfg, device):
 
 # ---------------------------------------------------------------------------------------------------- main
 
+def reset_peak_memory(device):
+    """Start a new peak: the allocator's on cuda; on Linux the resident-set high-water mark (clear_refs)."""
+    if device.type == "cuda":
+        return torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: the peak since the process started
+
+
 def peak_memory_gb(device):
+    """Peak since reset_peak_memory: allocated tensors on cuda, resident memory (VmHWM) on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20  # KiB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux, the whole life's peak
 
 
 def held_out_table(model, tokenizer, problems, family, adapter, cache_policy, args):
@@ -270,6 +302,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
+        reset_peak_memory(device)
         problems = step_prompts(train_set, step, args, rank, world)
         prompts = [tokenizer.encode(data.format_prompt(p["problem"], family), add_special_tokens=False).ids for p in problems for _ in range(args.group)]
         gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 1009 + rank)  # a function of the step: resumable
@@ -279,9 +312,7 @@ def main(argv=None):
         adv = group_advantages(rewards, args.group, std_norm=not args.no_std) if args.objective == "grpo" else rewards
         with torch.no_grad():
             ref_logp = score(model, ro, ref_policy, None, args.temperature) if args.beta > 0 and args.objective == "grpo" else None
-            teacher = score(model, ro, CachePolicy("full", args.cache, args.evict), None,
-                            token_fn=lambda logits, _, span: torch.log_softmax(logits.float(), -1)) if args.objective == "distill" else None
-        stats = update(objective, optimizer, ro, adv, ref_logp, teacher, args, world)
+        stats = update(objective, optimizer, ro, adv, ref_logp, args, world)
         lengths = ro.mask.sum(1).float()
         metrics = dict(step=step + 1, reward=rewards.mean().item(), accuracy=rewards.mean().item(),
                        zero_std_groups=(rewards.view(-1, args.group).amax(1) == rewards.view(-1, args.group).amin(1)).float().mean().item(),
