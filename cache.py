@@ -105,13 +105,19 @@ class RingCache:
 
 
 class ReplayCache:
-    """One training segment's cache: the kept context (L, B, Hkv, S, D) plus the segment's own keys, appended
-    out of place. `new_k`/`new_v` collect what the segment wrote, for the segments after it."""
+    """One training segment's cache: the kept context as pieces (L, B, Hkv, n_i, D) (the prompt's, then the
+    window's), and the segment's own keys, appended out of place one layer at a time. Layer checkpoints hold this
+    object until backward, so it holds nothing of the context's size: no joined copy, and the mask is rebuilt from
+    the positions on each use. `new_k`/`new_v` collect what the segment wrote, for the segments after it."""
 
-    def __init__(self, past_k, past_v, mask):
-        self.past_k, self.past_v, self.mask = past_k, past_v, mask
-        self.new_k, self.new_v = [None] * len(past_k), [None] * len(past_v)
+    def __init__(self, past_k, past_v, key_pos, query_pos, dtype):
+        self.past_k, self.past_v, self.key_pos, self.query_pos, self.dtype = past_k, past_v, key_pos, query_pos, dtype
+        self.new_k, self.new_v = [None] * len(past_k[0]), [None] * len(past_v[0])
+
+    @property
+    def mask(self):
+        return attention_mask(self.key_pos, self.query_pos, self.dtype)  # (B, 1, n, S)
 
     def update(self, layer, k, v):
         self.new_k[layer], self.new_v[layer] = k, v
-        return torch.cat([self.past_k[layer], k], 2), torch.cat([self.past_v[layer], v], 2)
+        return torch.cat([p[layer] for p in self.past_k] + [k], 2), torch.cat([p[layer] for p in self.past_v] + [v], 2)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cache import MIN_THOUGHT_SLOTS, ReplayCache, RingCache, attention_mask, evict_count, eviction_steps, thought_slots, unrotate
+from cache import MIN_THOUGHT_SLOTS, ReplayCache, RingCache, evict_count, eviction_steps, thought_slots, unrotate
 from model import dense, packed_weights
 
 POLICIES = ("full", "window", "pte")
@@ -73,6 +73,16 @@ def _flat(x):
     """(L, B, Hkv, m, D) -> (L, B, m, Hkv * D): all KV heads of a token concatenated, as the encoder reads them."""
     L, B, H, m, D = x.shape
     return x.permute(0, 1, 3, 2, 4).reshape(L, B, m, H * D)
+
+
+def _tokens_from(pieces, skip):
+    """Views of consecutive (L, B, Hkv, n_i, D) pieces without their first `skip` tokens (no copy)."""
+    out = []
+    for p in pieces:
+        if skip < p.shape[3]:
+            out.append(p[:, :, :, skip:])
+        skip = max(skip - p.shape[3], 0)
+    return out
 
 
 def _check(policy, adapter):
@@ -191,10 +201,13 @@ def score(model, rollout: Rollout, policy: CachePolicy, adapter=None, temperatur
     run = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if use_checkpoint else (lambda f, *a: f(*a))
 
     def forward(inputs, q_pos, key_pos, past_k, past_v, cores, last_only, span):
-        cache = ReplayCache(past_k, past_v, attention_mask(key_pos, q_pos, dtype))
+        """past_k, past_v: lists of (L, B, Hkv, n_i, D) pieces of the context, in order."""
+        cache = ReplayCache(past_k, past_v, key_pos, q_pos, dtype)
         h = model.hidden(inputs, q_pos.clamp(min=0), cache, adapter, cores, checkpoint_layers=use_checkpoint)  # (B, n, d)
         h = h[:, -1:] if last_only else h  # the prompt only predicts the first completion token
-        return torch.stack(cache.new_k), torch.stack(cache.new_v), torch.cat([
+        new_k, new_v = torch.stack(cache.new_k), torch.stack(cache.new_v)  # (L, B, Hkv, n, D)
+        cache.new_k, cache.new_v = [None] * len(cache.new_k), [None] * len(cache.new_v)  # the stack is the one copy kept
+        return new_k, new_v, torch.cat([
             run(token_values, h[:, i:i + LOGIT_CHUNK], span[0] + i) for i in range(0, h.shape[1], LOGIT_CHUNK)], 1)
 
     def token_values(h, a):  # (B, n, d) -> (B, n): the (B, n, V) logits of at most LOGIT_CHUNK positions at a time
@@ -202,21 +215,19 @@ def score(model, rollout: Rollout, policy: CachePolicy, adapter=None, temperatur
 
     def prefill(cores):
         empty = model.embed_tokens.weight.new_empty(model.config.n_layers, B, model.config.n_kv_heads, 0, model.config.head_dim)
-        return forward(prompt, positions, positions, empty, empty, cores, True, (0, 1))
+        return forward(prompt, positions, positions, [empty], [empty], cores, True, (0, 1))
 
     def segment(a, b, lo_prev, lo, first, cores, prompt_k, prompt_v, *thought):
         """Fed tokens [a, b); the window holds thought tokens [lo, a) after evicting [lo_prev, lo). `thought`: the
         keys, then the values, of the earlier segments that hold tokens from lo_prev on, the first starting at `first`."""
-        ks = torch.cat([prompt_k[:, :, :, :0], *thought[:len(thought) // 2]], 3)  # (L, B, Hkv, n, D)
-        vs = torch.cat([prompt_v[:, :, :, :0], *thought[len(thought) // 2:]], 3)
+        thought_k, thought_v = thought[:len(thought) // 2], thought[len(thought) // 2:]  # (L, B, Hkv, n_i, D) each
         if lo > lo_prev and policy.policy == "pte":  # this segment opens with an eviction: fold it into S
             pos = lens[:, None] + torch.arange(lo_prev, lo, device=lens.device)  # (B, m)
-            k_e = unrotate(ks[:, :, :, lo_prev - first:lo - first], pos, model.inv_freq)
-            cores, _ = adapter.update_cores(cores, _flat(k_e), _flat(vs[:, :, :, lo_prev - first:lo - first]))
+            k_e, v_e = (torch.cat(_tokens_from(kv, lo_prev - first), 3)[:, :, :, :lo - lo_prev] for kv in (thought_k, thought_v))
+            cores, _ = adapter.update_cores(cores, _flat(unrotate(k_e, pos, model.inv_freq)), _flat(v_e))
         q_pos = lens[:, None] + torch.arange(a, b, device=lens.device)  # (B, n)
         key_pos = torch.cat([positions, lens[:, None] + torch.arange(lo, b, device=lens.device)], 1)  # (B, P + b - lo)
-        past_k = torch.cat([prompt_k, ks[:, :, :, lo - first:a - first]], 3)  # (L, B, Hkv, P + a - lo, D)
-        past_v = torch.cat([prompt_v, vs[:, :, :, lo - first:a - first]], 3)
+        past_k, past_v = [prompt_k, *_tokens_from(thought_k, lo - first)], [prompt_v, *_tokens_from(thought_v, lo - first)]
         return (cores, *forward(tokens[:, a:b], q_pos, key_pos, past_k, past_v, cores, False, (a + 1, b + 1)))
 
     def replay(grad=None):

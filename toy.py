@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import grade
-from cache import ReplayCache, evict_count, eviction_steps
+from cache import evict_count, eviction_steps
 from model import TOY_DIR, Transformer, config_from_hf, load, load_tokenizer
 from rollout import CachePolicy, generate
 
@@ -107,6 +107,16 @@ def lr_factor(step, steps, warmup):
     return min((step + 1) / warmup, 1.0, (steps - step) / (0.2 * steps))
 
 
+class MaskedForward:
+    """The model's cache protocol for one forward over a whole sequence under an explicit mask (no past)."""
+
+    def __init__(self, mask):
+        self.mask = mask  # (B, 1, T, T) additive
+
+    def update(self, layer, k, v):
+        return k.contiguous(), v.contiguous()
+
+
 def window_mask(windowed):
     """Additive attention mask (B, 1, T, T) of the training sequence (prompt + trace but its last token): causal
     for full-cache rows; for `windowed` rows each thought sees the prompt and exactly the thoughts that were in the
@@ -133,13 +143,12 @@ def train(steps, seed, batch=64, lr=3e-3, warmup=100, windowed=0.25):
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, max(1, min(warmup, steps // 4))))
     data = torch.Generator().manual_seed(seed)
-    cfg, n_windowed = net.config, round(windowed * batch)
-    empty = torch.zeros(cfg.n_layers, batch, cfg.n_kv_heads, 0, cfg.head_dim)
+    n_windowed = round(windowed * batch)
     mask = window_mask(torch.arange(batch) < n_windowed)  # (B, 1, T, T)
     bar = tqdm(range(steps), desc=f"toy build, seed {seed}")
     for step in bar:
         prompt, trace = encode(draw_digits(batch, data))
-        h = net.hidden(torch.cat([prompt, trace[:, :-1]], 1), cache=ReplayCache(empty, empty, mask))
+        h = net.hidden(torch.cat([prompt, trace[:, :-1]], 1), cache=MaskedForward(mask))
         logits = net.lm_head(h[:, PROMPT_LEN - 1:])  # (B, 22, V): predicts the trace
         loss = F.cross_entropy(logits.flatten(0, 1), trace.flatten())
         opt.zero_grad(set_to_none=True)

@@ -104,15 +104,12 @@ def test_build_is_deterministic_and_round_trips(tmp_path):
 
 def test_window_mask_reproduces_the_window_cache():
     """The build's windowed rows see exactly what a window-policy rollout sees (rollout.score is the reference)."""
-    from cache import ReplayCache
     from rollout import Rollout, score
     model, B = load("toy"), 6
     prompt, trace = toy.encode(toy.draw_digits(B, torch.Generator().manual_seed(1)))
     windowed = torch.tensor([True, False] * (B // 2))
-    cfg = model.config
-    empty = torch.zeros(cfg.n_layers, B, cfg.n_kv_heads, 0, cfg.head_dim)
     with torch.no_grad():
-        h = model.hidden(torch.cat([prompt, trace[:, :-1]], 1), cache=ReplayCache(empty, empty, toy.window_mask(windowed)))
+        h = model.hidden(torch.cat([prompt, trace[:, :-1]], 1), cache=toy.MaskedForward(toy.window_mask(windowed)))
         logp = torch.log_softmax(model.lm_head(h[:, toy.PROMPT_LEN - 1:]), -1).gather(-1, trace[..., None])[..., 0]
         ro = Rollout(prompt, torch.full((B,), toy.PROMPT_LEN), trace, None, torch.ones_like(trace, dtype=torch.bool), None,
                      list(range(8, toy.TRACE_LEN - 1, 2)))
