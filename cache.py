@@ -9,7 +9,7 @@ a ring as long as the generation that never fills, `window` and `pte` evict (and
 
 Two caches speak the model's cache protocol (`update(layer, k, v) -> keys, values` and `mask`):
 - `RingCache`: generation. Preallocated, written in place, no autograd; memory fixed by the budget.
-- `ReplayCache`: training (rollout.score). One segment's view: the kept context, given as tensors, with the
+- `ReplayCache`: training (rollout.score). One segment's view: the kept context, given as pieces, with the
   segment's own keys appended out of place, so that gradients flow through the cache.
 Minimum budget (our choice, the paper has none): at least 4 thought slots, so that an eviction leaves a window.
 """
