@@ -7,10 +7,11 @@ row (rows decode in lockstep). Keys are stored after RoPE at their absolute posi
 `unrotate` gives the encoder the keys as they were before RoPE. The policies share one code path: `full` is
 a ring as long as the generation that never fills, `window` and `pte` evict (and `pte` encodes what leaves).
 
-Two caches speak the model's cache protocol (`update(layer, k, v) -> keys, values` and `mask`):
+Three caches speak the model's cache protocol (`update(layer, k, v) -> keys, values` and `mask`):
 - `RingCache`: generation. Preallocated, written in place, no autograd; memory fixed by the budget.
 - `ReplayCache`: training (rollout.score). One segment's view: the kept context, given as pieces, with the
   segment's own keys appended out of place, so that gradients flow through the cache.
+- `MaskedForward`: no past, one forward over a whole sequence under an explicit mask (references, the toy's build).
 Minimum budget (our choice, the paper has none): at least 4 thought slots, so that an eviction leaves a window.
 """
 import math
@@ -121,3 +122,13 @@ class ReplayCache:
     def update(self, layer, k, v):
         self.new_k[layer], self.new_v[layer] = k, v
         return torch.cat([p[layer] for p in self.past_k] + [k], 2), torch.cat([p[layer] for p in self.past_v] + [v], 2)
+
+
+class MaskedForward:
+    """No past: one forward over a whole sequence under an explicit additive mask (B, 1, T, T)."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def update(self, layer, k, v):
+        return k.contiguous(), v.contiguous()

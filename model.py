@@ -10,7 +10,7 @@ has one, tied or untied `lm_head`. Two hooks make it the base of everything else
 `load()` reads Hugging Face folders (one safetensors file or shards) by path or by registry name, and fails
 with a message that names the problem. Departure from `transformers`: none intended; tests prove parity.
 Speed on the CPU: decoding (fp32, no grad) may run the linears through oneDNN's blocked copy of the weights
-(`packed_weights`, about 2.5x F.linear's throughput at 8 rows) and one-query attention through two plain matmuls (`attend_one`).
+(`packed_weights`) and one-query attention through two plain matmuls (`attend_one`).
 """
 import json
 import math
@@ -123,8 +123,7 @@ def dense(x, linear):
 def packed_weights(model):
     """No-grad use only. Within: every fp32 CPU linear of `model` also holds its weight in oneDNN's blocked layout
     (one more copy of the weights, dropped on exit) for `dense`; elsewhere a no-op. At decode shapes (8 rows)
-    F.linear's MKL sgemm repacks the weight on every call: SmolLM2's linears stream 9-17 GB/s of weights through
-    it on one core here, 23-43 GB/s through the blocked copy."""
+    F.linear's MKL sgemm repacks the weight on every call; the blocked copy is packed once per generate call."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32
                and m.weight.device.type == "cpu"] if ONEDNN else []
     for m in linears:
@@ -138,7 +137,7 @@ def packed_weights(model):
 
 def attend_one(q, k, v, mask):
     """Attention of one query per row (decode): q (B, H, 1, D), k, v (B, Hkv, S, D), mask (B, 1, 1, S) -> (B, H, 1, D).
-    The H / Hkv queries of a KV head are the narrow side of two matmuls; on the CPU 1.2-1.35x SDPA's flash kernel."""
+    The H / Hkv queries of a KV head are the narrow side of two matmuls, so each key and value is read once."""
     B, H, _, D = q.shape
     q = q.reshape(B, k.shape[1], H // k.shape[1], D) * D ** -0.5  # (B, Hkv, G, D)
     scores = (k @ q.transpose(-1, -2)).transpose(-1, -2) + mask  # (B, Hkv, G, S)

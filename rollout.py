@@ -18,7 +18,7 @@ cache and the whole chain of S updates. lm_head, log-softmax and gather run in c
 so the (B, n, V) logits never exist for more than 64 positions at once. `truncate=True` (an option; PAPER.md
 Q7) instead back-propagates each piece at once against constant cache and S: memory fixed by the budget.
 On the CPU in fp32, `generate` holds a second, blocked copy of the weights while it decodes (model.packed_weights):
-about twice the tokens/s for the memory of the weights once more.
+faster decoding (bench.py, table 1) for the memory of the weights once more.
 """
 import time
 from dataclasses import dataclass, field

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import grade
-from cache import evict_count, eviction_steps
+from cache import MaskedForward, evict_count, eviction_steps
 from model import TOY_DIR, Transformer, config_from_hf, load, load_tokenizer
 from rollout import CachePolicy, generate
 
@@ -105,16 +105,6 @@ def lr_factor(step, steps, warmup):
     """Linear warm-up, constant, then linear decay to zero over the last fifth. The answer Y is learned late and
     abruptly (anywhere from step 500 to 1,000): under a cosine schedule the rate had often decayed before it was."""
     return min((step + 1) / warmup, 1.0, (steps - step) / (0.2 * steps))
-
-
-class MaskedForward:
-    """The model's cache protocol for one forward over a whole sequence under an explicit mask (no past)."""
-
-    def __init__(self, mask):
-        self.mask = mask  # (B, 1, T, T) additive
-
-    def update(self, layer, k, v):
-        return k.contiguous(), v.contiguous()
 
 
 def window_mask(windowed):

@@ -6,7 +6,7 @@ import torch
 
 import model as M
 from conftest import chatml
-from cache import RingCache, evict_count, eviction_steps, thought_slots, unrotate
+from cache import MaskedForward, RingCache, evict_count, eviction_steps, thought_slots, unrotate
 from encoder import Adapter, AdapterConfig
 from rollout import CachePolicy, generate, score
 
@@ -155,16 +155,6 @@ def test_score_reproduces_generate(tiny, policy, temperature):
     assert masked_diff(logp, roll.logprobs, roll.mask) <= 2e-5
 
 
-class MaskOnly:
-    """The model's cache protocol for one forward over a whole sequence with an explicit mask."""
-
-    def __init__(self, mask):
-        self.mask = mask
-
-    def update(self, layer, k, v):
-        return k, v
-
-
 @pytest.mark.parametrize("policy, mode", [("window", "lora"), ("pte", "pte")])
 def test_score_gradients(tiny, policy, mode):
     adapter = make_adapter(tiny.config, mode)
@@ -183,7 +173,7 @@ def test_score_gradients(tiny, policy, mode):
     if policy == "window":  # one masked forward of the whole sequence: the gradients are exact through the cache
         allowed, positions = reference_mask(roll, W, evict_count(W, 0.25))
         seq = torch.cat([roll.prompts, roll.tokens], 1)
-        references.append(grads(gather_logprobs(tiny(seq, positions, MaskOnly(additive(allowed)), adapter), roll)))
+        references.append(grads(gather_logprobs(tiny(seq, positions, MaskedForward(additive(allowed)), adapter), roll)))
     expected = {"A", "B"} | ({"q_g", "W_Q", "W_K", "W_V", "k_g", "v_g"} if mode == "pte" else set())
     assert {name.split(".")[0] for name in checkpointed} == expected
     for name, g in checkpointed.items():
@@ -192,8 +182,8 @@ def test_score_gradients(tiny, policy, mode):
         assert (per_layer.abs().sum(1) > 0).all(), f"{name} gets no gradient"
 
 
-class DetachOutside(MaskOnly):
-    """MaskOnly whose keys and values outside one piece of the sequence are constants: truncated backprop by hand."""
+class DetachOutside(MaskedForward):
+    """MaskedForward whose keys and values outside one piece of the sequence are constants: truncated backprop by hand."""
 
     def __init__(self, mask, inside):
         super().__init__(mask)

@@ -4,7 +4,7 @@ import torch
 
 import grade
 import toy
-from cache import evict_count, eviction_steps, thought_slots
+from cache import MaskedForward, evict_count, eviction_steps, thought_slots
 from data import chat_family
 from model import TOY_DIR, load, load_tokenizer
 from rollout import CachePolicy, generate
@@ -109,7 +109,7 @@ def test_window_mask_reproduces_the_window_cache():
     prompt, trace = toy.encode(toy.draw_digits(B, torch.Generator().manual_seed(1)))
     windowed = torch.tensor([True, False] * (B // 2))
     with torch.no_grad():
-        h = model.hidden(torch.cat([prompt, trace[:, :-1]], 1), cache=toy.MaskedForward(toy.window_mask(windowed)))
+        h = model.hidden(torch.cat([prompt, trace[:, :-1]], 1), cache=MaskedForward(toy.window_mask(windowed)))
         logp = torch.log_softmax(model.lm_head(h[:, toy.PROMPT_LEN - 1:]), -1).gather(-1, trace[..., None])[..., 0]
         ro = Rollout(prompt, torch.full((B,), toy.PROMPT_LEN), trace, None, torch.ones_like(trace, dtype=torch.bool), None,
                      list(range(8, toy.TRACE_LEN - 1, 2)))

@@ -84,6 +84,11 @@ def test_torchrun_two_ranks_equal_one_process_on_the_union(tmp_path, truncate):
     subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env, check=True, capture_output=True)
     ddp, one = weights(tmp_path / "ddp"), weights(tmp_path / "one")
     assert any(one[k].abs().sum() > 0 for k in one if k.startswith("B."))
+    if truncate:  # the flag reached the gradient: the exact update is another one
+        exact_args = [x for x in args if x != "--truncate"]
+        subprocess.run([sys.executable, *exact_args, "--out", str(tmp_path / "exact")], cwd=ROOT, env=env, check=True, capture_output=True)
+        exact = weights(tmp_path / "exact")
+        assert not all(torch.allclose(exact[k], one[k]) for k in one)
     for k in one:
         torch.testing.assert_close(ddp[k], one[k], atol=1e-6, rtol=1e-5)
 
