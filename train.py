@@ -221,14 +221,19 @@ def load_checkpoint(run: Path, settings, model_cfg, device):
 # ---------------------------------------------------------------------------------------------------- main
 
 def reset_peak_memory(device):
-    """Start a new peak: the allocator's on cuda; on Linux the resident-set high-water mark (clear_refs)."""
+    """Start a new peak: the allocator's on cuda; on Linux the resident-set high-water mark (clear_refs).
+    Returns whether the next peak_memory_gb is this interval's: some kernels (sandboxes) ignore clear_refs."""
     if device.type == "cuda":
-        return torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-    except OSError:
-        pass  # not Linux: the peak since the process started
+        status = Path("/proc/self/status").read_text().split("\n")
+        hwm, rss = (int(next(line for line in status if line.startswith(k)).split()[1]) for k in ("VmHWM", "VmRSS"))
+    except (OSError, StopIteration):
+        return False  # not Linux: only the peak since the process started
+    return hwm - rss < 16 * 1024  # KiB: the old peak is gone, or near enough to the present size not to matter
 
 
 def peak_memory_gb(device):
@@ -302,7 +307,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
-        reset_peak_memory(device)
+        per_step_peak = reset_peak_memory(device)
         problems = step_prompts(train_set, step, args, rank, world)
         prompts = [tokenizer.encode(data.format_prompt(p["problem"], family), add_special_tokens=False).ids for p in problems for _ in range(args.group)]
         gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 1009 + rank)  # a function of the step: resumable
@@ -318,7 +323,7 @@ def main(argv=None):
                        zero_std_groups=(rewards.view(-1, args.group).amax(1) == rewards.view(-1, args.group).amin(1)).float().mean().item(),
                        length_mean=lengths.mean().item(), length_max=lengths.max().item(), truncated=ro.truncated.float().mean().item(),
                        evictions=len(ro.evictions), s_update_ratio=ro.stats["s_update_ratio"], **stats,
-                       tokens_per_s=ro.stats["tokens_per_s"], peak_memory_gb=peak_memory_gb(device),
+                       tokens_per_s=ro.stats["tokens_per_s"], peak_memory_gb=peak_memory_gb(device) if per_step_peak else None,
                        step_seconds=time.perf_counter() - t0, wall_seconds=time.perf_counter() - t_start)
         if world > 1:  # the logged rollout metrics are rank 0's share; the loss and the update cover all ranks
             dist.barrier()
