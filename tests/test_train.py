@@ -1,5 +1,6 @@
 """train.py end to end on the toy: a short run, exact resume, the DDP update, bad input."""
 import json
+import mmap
 import os
 import re
 import subprocess
@@ -95,13 +96,20 @@ def test_torchrun_two_ranks_equal_one_process_on_the_union(tmp_path, truncate):
         torch.testing.assert_close(ddp[k], one[k], atol=1e-6, rtol=1e-5)
 
 
+def resident_peak(n_bytes):
+    """Map n_bytes afresh and write every page, then unmap: resident memory peaks n_bytes above its present size
+    (a torch tensor would not do: malloc may hand back freed heap pages that are already resident)."""
+    buf = mmap.mmap(-1, n_bytes)
+    torch.frombuffer(buf, dtype=torch.uint8).fill_(1)
+    buf.close()
+
+
 def test_peak_memory_is_per_step(monkeypatch):
-    """metrics.jsonl's peak is the step's, not the process's: a 256 MiB buffer freed before the reset is not seen.
+    """metrics.jsonl's peak is the step's, not the process's: a 256 MiB peak before the reset is not seen.
     Where the kernel ignores the reset, reset_peak_memory says so, and the step logs no peak rather than a wrong one."""
     cpu = torch.device("cpu")
-    big = torch.ones(2**26)  # 256 MiB, touched: a peak above the present size
-    del big
-    if Path("/proc/self/clear_refs").exists():  # a kernel that ignores clear_refs (as CI's did) is caught
+    resident_peak(2**28)
+    if Path("/proc/self/clear_refs").exists():  # a kernel that ignores clear_refs is caught
         with monkeypatch.context() as m:
             m.setattr(train, "open", lambda *a, **k: open(os.devnull, "w"), raising=False)
             assert not train.reset_peak_memory(cpu)
@@ -112,9 +120,8 @@ def test_peak_memory_is_per_step(monkeypatch):
             assert hwm - rss > 16 * 1024
         return
     before = train.peak_memory_gb(cpu)
-    big = torch.ones(2**26)
+    resident_peak(2**28)
     during = train.peak_memory_gb(cpu)
-    del big
     assert train.reset_peak_memory(cpu)
     after = train.peak_memory_gb(cpu)
     assert during - before > 0.2
