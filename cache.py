@@ -90,13 +90,13 @@ class RingCache:
         self.used = max(self.used, self.start + 1)
         self.mask = attention_mask(self.pos[:, :self.used], positions[:, None], self.k.dtype)
 
-    def evict(self, first, m, copy=True):
-        """Drop thought tokens first .. first+m-1 (the oldest); return copies of their keys, values (L, B, Hkv, m, D)
-        and positions (B, m), or None when not `copy` (the window drops them: a copy is all layers' m tokens)."""
+    def evict(self, first, m):
+        """Drop thought tokens first .. first+m-1 (the oldest); return their slots (m,) and positions (B, m): their
+        keys and values stay readable until the next write, for pte to fold them in."""
         slots = torch.tensor([self.prompt_slots + (first + j) % self.window for j in range(m)], device=self.pos.device)
-        out = (self.k[:, :, :, slots], self.v[:, :, :, slots], self.pos[:, slots]) if copy else None
+        positions = self.pos[:, slots]
         self.pos[:, slots] = -1
-        return out
+        return slots, positions
 
     def update(self, layer, k, v):
         end = self.start + k.shape[2]

@@ -87,10 +87,10 @@ class Adapter(nn.Module):
             h = h @ core.to(x.dtype).transpose(1, 2)  # S (A x) per token
         return self.scale * (h @ self.B[f"{target}{layer}"].to(x.dtype).T)  # (B, T, d_out)
 
-    def encode(self, k, v):
-        """S'(K, V) of every layer: k, v (L, B, m, d_kv) -> (L, B, r, r), in fp32."""
-        query = self.q_g @ self.W_Q  # (L, r, r)
-        kv = (k.float() @ self.W_K[:, None]).transpose(2, 3) @ (v.float() @ self.W_V[:, None])  # (L, B, r, r)
+    def encode(self, k, v, layers=slice(None)):
+        """S'(K, V) of the layers (all by default): k, v (L, B, m, d_kv) -> (L, B, r, r), in fp32."""
+        query = self.q_g[layers] @ self.W_Q[layers]  # (L, r, r)
+        kv = (k.float() @ self.W_K[layers, None]).transpose(2, 3) @ (v.float() @ self.W_V[layers, None])  # (L, B, r, r)
         return query[:, None] @ kv / k.shape[2]
 
     def initial_cores(self, batch):
@@ -102,12 +102,13 @@ class Adapter(nn.Module):
             return torch.zeros(L, batch, r, r, device=self.W_Q.device)
         return normalize(self.encode(self.k_g[:, None], self.v_g[:, None])).expand(L, batch, r, r)
 
-    def update_cores(self, cores, k, v):
-        """Fold evicted keys (un-rotated) and values (L, B, m, d_kv) into S. Returns (new cores, ||S'|| / ||S|| averaged)."""
+    def update_cores(self, cores, k, v, layers=slice(None)):
+        """Fold evicted keys (un-rotated) and values (L, B, m, d_kv) into the layers' S (L, B, r, r).
+        Returns (new cores, ||S'|| / ||S|| averaged: a 0-d tensor, read without a device sync per layer)."""
         if self.cfg.mode == "global-only":
-            return cores, 0.0
-        new = self.encode(k, v)
-        ratio = (torch.linalg.matrix_norm(new) / torch.linalg.matrix_norm(cores).clamp(min=1e-12)).mean().item()
+            return cores, torch.zeros(())
+        new = self.encode(k, v, layers)
+        ratio = (torch.linalg.matrix_norm(new) / torch.linalg.matrix_norm(cores).clamp(min=1e-12)).mean()
         return normalize(cores + new), ratio
 
 

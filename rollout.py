@@ -85,6 +85,14 @@ def _tokens_from(pieces, skip):
     return out
 
 
+def fold(adapter, cores, evicted, pos, inv_freq):
+    """S <- Normalize(S + S'(K_e, V_e)) a layer at a time (all layers' copies at once: L times the memory).
+    evicted: each layer's keys (after RoPE at positions pos (B, m)) and values, (B, Hkv, m, D)."""
+    out = [adapter.update_cores(cores[i:i + 1], _flat(unrotate(k, pos, inv_freq)[None]), _flat(v[None]), slice(i, i + 1))
+           for i, (k, v) in enumerate(evicted)]
+    return torch.cat([c for c, _ in out]), sum(r.to(cores.device) for _, r in out) / len(out)  # (L, B, r, r), ()
+
+
 def _check(policy, adapter):
     if policy.policy == "pte" and (adapter is None or not adapter.encodes):
         raise ValueError("policy pte needs an adapter with a thought encoder (mode pte, global-0 or global-only)")
@@ -136,12 +144,12 @@ def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, tempera
             if t == max_new - 1 or bool(done.all()):
                 break
             if policy.policy != "full" and t - evicted == W:  # ring full: evict the oldest m before writing token t
-                dropped = cache.evict(evicted, m, copy=policy.policy == "pte")  # their keys, values, positions
+                slots, pos = cache.evict(evicted, m)
                 evicted, _ = evicted + m, evictions.append(t)
-                if dropped is not None:  # pte: fold them into S
-                    k, v, pos = dropped
-                    cores, ratio = adapter.update_cores(cores, _flat(unrotate(k, pos, model.inv_freq)), _flat(v))
-                    ratios.append(ratio)
+                if policy.policy == "pte":  # fold them into S
+                    cores, ratio = fold(adapter, cores, ((k[:, :, slots], v[:, :, slots]) for k, v in zip(cache.k, cache.v)),
+                                        pos, model.inv_freq)
+                    ratios.append(ratio.item())
             cache.write_thought(t, lens + t)
             logits = dense(model.hidden(token[:, None], (lens + t)[:, None], cache, adapter, cores)[:, -1], model.lm_head)
     seconds = time.perf_counter() - t0
@@ -223,8 +231,10 @@ def score(model, rollout: Rollout, policy: CachePolicy, adapter=None, temperatur
         thought_k, thought_v = thought[:len(thought) // 2], thought[len(thought) // 2:]  # (L, B, Hkv, n_i, D) each
         if lo > lo_prev and policy.policy == "pte":  # this segment opens with an eviction: fold it into S
             pos = lens[:, None] + torch.arange(lo_prev, lo, device=lens.device)  # (B, m)
-            k_e, v_e = (torch.cat(_tokens_from(kv, lo_prev - first), 3)[:, :, :, :lo - lo_prev] for kv in (thought_k, thought_v))
-            cores, _ = adapter.update_cores(cores, _flat(unrotate(k_e, pos, model.inv_freq)), _flat(v_e))
+            k_e, v_e = (_tokens_from(kv, lo_prev - first) for kv in (thought_k, thought_v))  # pieces from token lo_prev on
+            cores, _ = fold(adapter, cores, ((torch.cat([p[i] for p in k_e], 2)[:, :, :lo - lo_prev],
+                                              torch.cat([p[i] for p in v_e], 2)[:, :, :lo - lo_prev]) for i in range(len(cores))),
+                            pos, model.inv_freq)
         q_pos = lens[:, None] + torch.arange(a, b, device=lens.device)  # (B, n)
         key_pos = torch.cat([positions, lens[:, None] + torch.arange(lo, b, device=lens.device)], 1)  # (B, P + b - lo)
         past_k, past_v = [prompt_k, *_tokens_from(thought_k, lo - first)], [prompt_v, *_tokens_from(thought_v, lo - first)]

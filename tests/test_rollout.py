@@ -8,7 +8,7 @@ import model as M
 from conftest import chatml
 from cache import MaskedForward, RingCache, evict_count, eviction_steps, thought_slots, unrotate
 from encoder import Adapter, AdapterConfig
-from rollout import CachePolicy, generate, score
+from rollout import CachePolicy, fold, generate, score
 
 # left-padded to P = 8; picked so that greedy decoding of the tiny model does not loop on one token in every row
 PROMPTS = [[47, 77, 70, 9, 43, 53, 67, 40], [32, 51, 44, 43, 93], [42, 44, 35]]
@@ -130,6 +130,28 @@ def test_evictions_feed_the_encoder(tiny):
     a, b = run(tiny, "pte", pte), run(tiny, "pte", frozen)
     assert a.evictions[0] == W and torch.equal(a.logprobs[:, :W + 1], b.logprobs[:, :W + 1])
     assert ((a.logprobs[:, W + 1] - b.logprobs[:, W + 1]).abs() > 1e-6).all()
+
+
+def test_fold_is_the_spec_update(tiny):
+    """One eviction into S, by hand for every layer and row (SPEC section 3): S <- sqrt(r) X / ||X||_F with
+    X = S + (q_g W_Q) (K W_K)^T (V W_V) / m, K the evicted keys before RoPE with the KV heads side by side."""
+    cfg, adapter, (B, m) = tiny.config, make_adapter(tiny.config, "pte"), (2, 3)
+    positions = torch.tensor([[5, 6, 7], [9, 10, 11]])  # (B, m)
+    raw_k = torch.randn(cfg.n_layers, B, cfg.n_kv_heads, m, cfg.head_dim, generator=gen())  # before RoPE
+    values = torch.randn(raw_k.shape, generator=gen(1))
+    keys = M.apply_rope(raw_k, *M.rope_cos_sin(tiny.inv_freq, positions, torch.float32))  # as the cache holds them
+    cores = adapter.initial_cores(B)  # (L, B, r, r)
+    with torch.no_grad():
+        folded, ratio = fold(adapter, cores, zip(keys, values), positions, tiny.inv_freq)
+    ratios = []
+    for layer in range(cfg.n_layers):
+        for row in range(B):
+            K, V = (x[layer, row].transpose(0, 1).reshape(m, -1) for x in (raw_k, values))  # (m, Hkv * D)
+            new = (adapter.q_g[layer] @ adapter.W_Q[layer]) @ (K @ adapter.W_K[layer]).T @ (V @ adapter.W_V[layer]) / m
+            X = cores[layer, row] + new.detach()
+            torch.testing.assert_close(folded[layer, row], 4 ** 0.5 * X / X.norm(), atol=1e-5, rtol=1e-4)
+            ratios.append(new.norm() / cores[layer, row].norm())
+    assert ratio.item() == pytest.approx(sum(ratios).item() / len(ratios), rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------- score
