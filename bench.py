@@ -39,7 +39,7 @@ import torch
 
 SMOLLM2 = os.path.expanduser("~/.cache/smollm2-135m-instruct")
 SMOLLM2_TOOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tools", "smollm2.sh")
-POLICIES = ("full", "window", "pte")
+POLICIES = ("full", "window", "pte", "full-plain")  # full-plain: `full` through F.linear, without the blocked weights
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
@@ -80,7 +80,7 @@ def rollout_hf(s, hf):
 def rollout_ours(s, model):
     from encoder import Adapter, AdapterConfig
     from rollout import CachePolicy, generate
-    policy = CachePolicy(s["policy"], s["budget"])
+    policy = CachePolicy(s["policy"].removesuffix("-plain"), s["budget"])
     adapter = Adapter(model.config, AdapterConfig("pte")).to(s["device"]) if s["policy"] == "pte" else None
     batch = prompts(s, model.config.vocab_size).tolist()
     generate(model, batch, policy, 4, adapter, eos_ids=[])
@@ -116,6 +116,7 @@ def child(s):
     import model
     from train import peak_memory_gb, reset_peak_memory
     torch.set_num_threads(s["threads"])
+    model.ONEDNN = model.ONEDNN and not s.get("policy", "").endswith("-plain")  # packed_weights becomes a no-op
     cuda = s["device"].startswith("cuda")
     if s["impl"] == "transformers":
         loaded = load_hf(s)
@@ -216,7 +217,8 @@ def main():
     ap.add_argument("--gpu-model", default="qwen2.5-3b", help="registry name for --gpu (smollm2-135m for a CPU dry run)")
     ap.add_argument("--device", default=None, help="default: cuda with --gpu, else cpu")
     ap.add_argument("--tables", default="1,2", help="which of 1 (rollout) and 2 (training step) to run")
-    ap.add_argument("--policies", default="full,window,pte", help="table 1's policies (transformers runs beside full)")
+    ap.add_argument("--policies", default="full,window,pte", help="table 1's policies (transformers runs beside full; "
+                    "full-plain: full through F.linear, to measure model.packed_weights)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every subprocess")
     ap.add_argument("--batch", type=int, default=None, help="default 8 (--quick: 4; --gpu --quick: 2)")
     ap.add_argument("--budget", type=int, default=None, help="cache budget, prompt included (default 1024, --quick 48)")

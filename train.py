@@ -222,7 +222,7 @@ def load_checkpoint(run: Path, settings, model_cfg, device):
 
 def reset_peak_memory(device):
     """Start a new peak: the allocator's on cuda; on Linux the resident-set high-water mark (clear_refs).
-    Returns whether the next peak_memory_gb is this interval's: some kernels (sandboxes) ignore clear_refs."""
+    Returns whether the next peak_memory_gb is this interval's (not where clear_refs is missing or ignored)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return True
