@@ -82,15 +82,21 @@ def test_torchrun_two_ranks_equal_one_process_on_the_union(tmp_path, truncate):
             "--prompts-per-step", "4", "--group", "2", "--micro-batch", "2", "--eval-size", "0", "--threads", "1", "--lr", "1e-2",
             *truncate]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
-                    "--out", str(tmp_path / "ddp")], cwd=ROOT, env=env, check=True, capture_output=True)
-    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env, check=True, capture_output=True)
-    ddp, one = weights(tmp_path / "ddp"), weights(tmp_path / "one")
+
+    def run(*command, out, tries=1):
+        for i in range(tries):
+            folder = tmp_path / f"{out}-{i}"
+            done = subprocess.run([sys.executable, *command, "--out", str(folder)], cwd=ROOT, env=env, capture_output=True, text=True)
+            if done.returncode == 0:
+                return weights(folder)
+        raise AssertionError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+
+    # this test failed once in about 20 runs here, cause not captured: a failed launch gets one retry, and two show the output
+    ddp = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args, out="ddp", tries=2)
+    one = run(*args, out="one")
     assert any(one[k].abs().sum() > 0 for k in one if k.startswith("B."))
     if truncate:  # the flag reached the gradient: the exact update is another one
-        exact_args = [x for x in args if x != "--truncate"]
-        subprocess.run([sys.executable, *exact_args, "--out", str(tmp_path / "exact")], cwd=ROOT, env=env, check=True, capture_output=True)
-        exact = weights(tmp_path / "exact")
+        exact = run(*[x for x in args if x != "--truncate"], out="exact")
         assert not all(torch.allclose(exact[k], one[k]) for k in one)
     for k in one:
         torch.testing.assert_close(ddp[k], one[k], atol=1e-6, rtol=1e-5)
