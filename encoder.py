@@ -106,7 +106,7 @@ class Adapter(nn.Module):
         """Fold evicted keys (un-rotated) and values (L, B, m, d_kv) into the layers' S (L, B, r, r).
         Returns (new cores, ||S'|| / ||S|| averaged: a 0-d tensor, read without a device sync per layer)."""
         if self.cfg.mode == "global-only":
-            return cores, torch.zeros(())
+            return cores, cores.new_zeros(())
         new = self.encode(k, v, layers)
         ratio = (torch.linalg.matrix_norm(new) / torch.linalg.matrix_norm(cores).clamp(min=1e-12)).mean()
         return normalize(cores + new), ratio

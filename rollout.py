@@ -90,7 +90,7 @@ def fold(adapter, cores, evicted, pos, inv_freq):
     evicted: each layer's keys (after RoPE at positions pos (B, m)) and values, (B, Hkv, m, D)."""
     out = [adapter.update_cores(cores[i:i + 1], _flat(unrotate(k, pos, inv_freq)[None]), _flat(v[None]), slice(i, i + 1))
            for i, (k, v) in enumerate(evicted)]
-    return torch.cat([c for c, _ in out]), sum(r.to(cores.device) for _, r in out) / len(out)  # (L, B, r, r), ()
+    return torch.cat([c for c, _ in out]), sum(r for _, r in out) / len(out)  # (L, B, r, r), ()
 
 
 def _check(policy, adapter):
@@ -232,9 +232,8 @@ def score(model, rollout: Rollout, policy: CachePolicy, adapter=None, temperatur
         if lo > lo_prev and policy.policy == "pte":  # this segment opens with an eviction: fold it into S
             pos = lens[:, None] + torch.arange(lo_prev, lo, device=lens.device)  # (B, m)
             k_e, v_e = (_tokens_from(kv, lo_prev - first) for kv in (thought_k, thought_v))  # pieces from token lo_prev on
-            cores, _ = fold(adapter, cores, ((torch.cat([p[i] for p in k_e], 2)[:, :, :lo - lo_prev],
-                                              torch.cat([p[i] for p in v_e], 2)[:, :, :lo - lo_prev]) for i in range(len(cores))),
-                            pos, model.inv_freq)
+            evicted = lambda pieces, i: torch.cat([p[i] for p in pieces], 2)[:, :, :lo - lo_prev]  # (B, Hkv, m, D) of layer i
+            cores, _ = fold(adapter, cores, ((evicted(k_e, i), evicted(v_e, i)) for i in range(len(cores))), pos, model.inv_freq)
         q_pos = lens[:, None] + torch.arange(a, b, device=lens.device)  # (B, n)
         key_pos = torch.cat([positions, lens[:, None] + torch.arange(lo, b, device=lens.device)], 1)  # (B, P + b - lo)
         past_k, past_v = [prompt_k, *_tokens_from(thought_k, lo - first)], [prompt_v, *_tokens_from(thought_v, lo - first)]

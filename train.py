@@ -220,6 +220,12 @@ def load_checkpoint(run: Path, settings, model_cfg, device):
 
 # ---------------------------------------------------------------------------------------------------- main
 
+def _status_kib(*keys):
+    """Lines of Linux's /proc/self/status, in KiB: VmHWM (the resident peak), VmRSS (resident now)."""
+    lines = Path("/proc/self/status").read_text().split("\n")
+    return [int(next(line for line in lines if line.startswith(k + ":")).split()[1]) for k in keys]
+
+
 def reset_peak_memory(device):
     """Start a new peak: the allocator's on cuda; on Linux the resident-set high-water mark (clear_refs).
     Returns whether the next peak_memory_gb is this interval's (not where clear_refs is missing or ignored)."""
@@ -229,11 +235,10 @@ def reset_peak_memory(device):
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        status = Path("/proc/self/status").read_text().split("\n")
-        hwm, rss = (int(next(line for line in status if line.startswith(k)).split()[1]) for k in ("VmHWM", "VmRSS"))
+        hwm, rss = _status_kib("VmHWM", "VmRSS")
     except (OSError, StopIteration):
         return False  # not Linux: only the peak since the process started
-    return hwm - rss < 16 * 1024  # KiB: the old peak is gone, or near enough to the present size not to matter
+    return hwm - rss < 16 * 1024  # the old peak is gone, or near enough to the present size not to matter
 
 
 def peak_memory_gb(device):
@@ -241,8 +246,7 @@ def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20  # KiB
+        return _status_kib("VmHWM")[0] / 2**20
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux, the whole life's peak
 
