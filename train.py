@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import data
 import grade
+import plot
 from encoder import Adapter, AdapterConfig, load_adapter, save_adapter, trainable
 from grpo import group_advantages, grpo_loss
 from model import load, load_tokenizer, resolve
@@ -355,7 +356,8 @@ def main(argv=None):
                 f.write(json.dumps(dict(step=step + 1, held_out_accuracy=summary["accuracy"])) + "\n")
     if rank == 0:
         save_adapter(adapter, out / "adapter", policy=cache_policy.policy, settings=settings)
-        print(f"done: {args.steps - start} steps in {time.perf_counter() - t_start:.0f} s; adapter in {out / 'adapter'}")
+        print(f"done: {args.steps - start} steps in {time.perf_counter() - t_start:.0f} s; adapter in {out / 'adapter'}; "
+              f"reward curve in {plot.reward_curve(out)}")
         if held_out and args.eval_size:
             held_out_table(model, tokenizer, held_out, family, adapter, cache_policy, args)
     if world > 1:

@@ -1,4 +1,6 @@
 """The toy task (answers recomputed here from the prompt digits), its memory property, and the shipped toy/ model."""
+import json
+
 import pytest
 import torch
 
@@ -161,3 +163,46 @@ def test_pte_distillation_recalls_what_the_window_forgets(tmp_path):
 def test_compare_refuses_bad_seeds():
     with pytest.raises(SystemExit):
         toy.main(["compare", "--seeds", "0,one"])
+
+
+def test_memo_family_by_hand():
+    # k = 2, x0 = 1 and every operand 1: x_i = 1 + i; memos at thoughts 0 and 4 hold x1 = 2 (kind a), x5 = 6 (kind b)
+    prompt, trace = toy.encode_memos(torch.ones(1, 9, dtype=torch.long), 2)
+    tokenizer = toy.make_tokenizer(toy.VOCAB_MEMOS)
+    assert tokenizer.decode(prompt[0].tolist(), skip_special_tokens=False) == "<bos> " + " ".join("1" * 9) + " <sep>"
+    assert tokenizer.decode(trace[0].tolist(), skip_special_tokens=False) == "a2 3 4 5 b6 7 8 9 = a2 b6 <eos>"
+    problems = toy.make_memo_problems(50, 3, seed=1)
+    assert problems == toy.make_memo_problems(50, 3, seed=1)
+    for p in problems:  # the answer recomputed from the prompt's digits
+        words = p["problem"].split()[1:-1]
+        xs = [sum(int(w) for w in words[:i + 1]) % 10 for i in range(len(words))]
+        assert p["answer"] == " ".join(f"{kind}{xs[4 * j + 1]}" for j, kind in enumerate("abc"))
+
+
+def test_recall_score_counts_memos():
+    _, trace = toy.encode_memos(toy.draw_digits(2, torch.Generator().manual_seed(0), 8), 2)  # (2, 12): recall at 9, 10
+    assert toy.recall_score(trace, trace, 2) == 1.0
+    wrong = trace.clone()
+    wrong[0, 9] = toy.ID["<eos>"]
+    assert toy.recall_score(wrong, trace, 2) == 0.75
+    assert toy.recall_score(trace[:, :10], trace, 2) == 0.5  # stopped before the second recall: it counts as wrong
+
+
+def test_longer_memo_traces_leave_more_to_s():
+    """At prompt + 8 thought slots (m = 2) the window still holds memo j when recall j is written only for short
+    traces: all of k = 1, the last of k = 2, none of k = 5 or more. Memo j (0-based) sits at thought 4j; recall j
+    (thought 4k + 1 + j) is predicted by the forward of thought 4k + j, which sees thoughts from 2 x evictions so far."""
+    def visible(k):
+        steps = eviction_steps(5 * k + 2, 8, 2, "window")
+        return [4 * j >= 2 * sum(e <= 4 * k + j for e in steps) for j in range(k)]
+    assert visible(1) == [True] and visible(2) == [False, True] and not any(visible(5)) and not any(visible(8))
+
+
+def test_ledger_keeps_finished_results(tmp_path):
+    calls = []
+    work = lambda: calls.append(1) or dict(accuracy=0.5)  # noqa: E731
+    first = toy.ledger_result(tmp_path / "r.json", "run-a", work)
+    assert toy.ledger_result(tmp_path / "r.json", "run-a", work) == first and len(calls) == 1
+    assert first["accuracy"] == 0.5 and first["seconds"] >= 0
+    toy.ledger_result(tmp_path / "r.json", "run-b", work)
+    assert len(calls) == 2 and set(json.loads((tmp_path / "r.json").read_text())) == {"run-a", "run-b"}

@@ -1,0 +1,80 @@
+"""plot.py: the SVG it writes parses, puts the data where the axes say, and the cache diagram shows what the cache holds."""
+import json
+import xml.etree.ElementTree as ET
+from types import SimpleNamespace
+
+import torch
+
+import plot
+from cache import RingCache, evict_count, eviction_steps
+
+NS = "{http://www.w3.org/2000/svg}"
+
+
+def points(svg, label):
+    line = next(e for e in ET.fromstring(svg).iter(NS + "polyline") if e.get("data-label") == label)
+    return [tuple(map(float, p.split(","))) for p in line.get("points").split()]
+
+
+def frame(svg):
+    """(left, top, right, bottom) of the plot area: the unfilled grey rectangle."""
+    r = next(e for e in ET.fromstring(svg).iter(NS + "rect") if e.get("fill") == "none" and e.get("stroke") == "#888")
+    x, y, w, h = (float(r.get(k)) for k in ("x", "y", "width", "height"))
+    return x, y, x + w, y + h
+
+
+def test_line_chart_maps_data_onto_the_axes():
+    svg = plot.line_chart([("a", [0, 5, 10], [0.0, 0.5, 1.0]), ("b", [0, 10], [0.25, 0.25])], "t", "step", "reward", ylim=(0, 1))
+    left, top, right, bottom = frame(svg)
+    a = points(svg, "a")
+    assert a[0] == (left, bottom) and a[2] == (right, top)  # (0, 0) and (10, 1): the corners
+    assert a[1] == ((left + right) / 2, (top + bottom) / 2)  # (5, 0.5): the middle
+    assert points(svg, "b")[0][1] == bottom - 0.25 * (bottom - top)
+    labels = [t.text for t in ET.fromstring(svg).iter(NS + "text")]
+    assert {"a", "b", "step", "reward", "0.2", "0.8"} <= set(labels)  # legend, axis titles, y ticks
+
+
+def test_log_axis_spaces_ranks_evenly():
+    xs = [x for x, _ in points(plot.line_chart([("r", [4, 8, 16, 32], [1, 2, 3, 4])], "t", "rank", "memos", xlog=True), "r")]
+    assert abs((xs[1] - xs[0]) - (xs[3] - xs[2])) < 0.11 and xs[0] < xs[1] < xs[2] < xs[3]
+
+
+def test_nice_ticks():
+    assert plot.nice_ticks(0, 1) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert plot.nice_ticks(1, 300) == [50, 100, 150, 200, 250, 300]
+
+
+def test_reward_curve_of_a_run(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(step=i + 1, reward=r)) + "\n" for i, r in enumerate([0, 1, 0, 1])))
+    svg = plot.reward_curve(tmp_path).read_text()
+    left, top, right, bottom = frame(svg)
+    assert [y for _, y in points(svg, "per step")] == [bottom, top, bottom, top]
+    assert points(svg, "10-step mean")[3][1] == (top + bottom) / 2  # mean of 0, 1, 0, 1
+
+
+def ring_contents(prompt, window, m, n_tokens):
+    """{t: {slot: thought}} of the real RingCache, driven as rollout.generate drives it."""
+    cfg = SimpleNamespace(n_layers=1, n_kv_heads=1, head_dim=2)
+    cache, evicted, seen = RingCache.allocate(cfg, 1, prompt, window, torch.float32, "cpu"), 0, {}
+    for t in range(n_tokens):
+        if t - evicted == window:
+            cache.evict(evicted, m)
+            evicted += m
+        cache.write_thought(t, torch.tensor([prompt + t]))
+        seen[t] = {s - prompt: int(p) - prompt for s, p in enumerate(cache.pos[0].tolist()) if s >= prompt and p >= 0}
+    return seen
+
+
+def test_cache_diagram_draws_the_ring_cache():
+    for window, evict, n in ((8, 0.25, 22), (6, 0.5, 17)):
+        m = evict_count(window, evict)
+        root = ET.fromstring(plot.cache_diagram(19, window, evict, n, memo=3))
+        cells = [e for e in root.iter(NS + "rect") if e.get("data-token")]
+        rows = sorted({float(c.get("y")) for c in cells})
+        assert len(rows) == n
+        drawn = {i: {int(c.get("data-slot")): int(c.get("data-token")) for c in cells if float(c.get("y")) == y}
+                 for i, y in enumerate(rows)}
+        assert drawn == ring_contents(19, window, m, n)
+        marks = [int(e.get("data-evicted")) for e in root.iter(NS + "rect") if e.get("data-evicted")]
+        assert marks == list(range(m * len(eviction_steps(n, window, m, "window"))))  # each eviction of m, once, in order
+        assert sum(1 for e in root.iter(NS + "line") if e.get("marker-end")) == len(eviction_steps(n, window, m, "window"))
