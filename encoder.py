@@ -13,6 +13,14 @@ Our reading where the paper is silent (PAPER.md section 7): per-layer parameters
 concatenated and keys un-rotated to their pre-RoPE values, the 1/len scaling, the Frobenius normalisation.
 paper: W_V initialised like W_K; here: at a tenth of that scale, so that one eviction adds to S instead of
 replacing it (in a prototype ||S'|| was about 2.5 ||S|| at the usual scale).
+Adapter init (paper: silent beyond LoRA). Default LoRA's: A random, B = 0, so the first updates go to B with gradient
+g (S A x)^T: one random projection S A x of S, alike at every position. `b_init` > 0 swaps it: A = 0, B ~ N(0, b_init^2),
+so the first updates go to A with gradient S^T B^T g x^T: all of S, at the inputs x where the loss speaks. Both start
+at the base model and both leave S without gradient at step 0. On the toy the swap took GRPO off chance in 80 steps
+where the default stalled for 160+ (README, "Why GRPO stalled"); the argument does not depend on the model's size, but
+it is unmeasured on real models, whose default therefore stays LoRA's (`--b-init` turns it on).
+`param_groups`: the thought encoder may take its own learning rate (the toy's is a tenth of the adapters': its steps
+otherwise moved S, and through it every position's output, faster than the readout learned to use it).
 Adapter parameters are kept in fp32 (AdamW steps of 1e-5 vanish in bf16) and cast to the activations' dtype.
 """
 import json
@@ -33,6 +41,7 @@ class AdapterConfig:
     alpha: float = 32.0  # alpha / r = 1: the update starts at the scale of a plain LoRA with an identity core
     n_globals: int = 32
     targets: tuple = ("q", "k", "v", "o")
+    b_init: float = 0.0  # 0: LoRA's init (A random, B = 0); > 0: A = 0 and B ~ N(0, b_init^2), the readout learns first
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
@@ -65,8 +74,10 @@ class Adapter(nn.Module):
         for layer in range(L):
             for t in cfg.targets:
                 d_in, d_out = _shapes(model_cfg, t)
-                self.A[f"{t}{layer}"] = nn.Parameter(torch.randn(r, d_in) / d_in ** 0.5)
-                self.B[f"{t}{layer}"] = nn.Parameter(torch.zeros(d_out, r))  # B = 0: every variant starts as the base model
+                # one of A, B is zero: every variant starts as the base model
+                a, b = (torch.randn(r, d_in) / d_in ** 0.5, torch.zeros(d_out, r)) if not cfg.b_init else \
+                    (torch.zeros(r, d_in), torch.randn(d_out, r) * cfg.b_init)
+                self.A[f"{t}{layer}"], self.B[f"{t}{layer}"] = nn.Parameter(a), nn.Parameter(b)
         if cfg.mode != "lora":
             self.q_g = nn.Parameter(torch.randn(L, r, d_kv) / d_kv ** 0.5)
             self.W_Q = nn.Parameter(torch.randn(L, d_kv, r) / d_kv ** 0.5)
@@ -114,6 +125,17 @@ class Adapter(nn.Module):
 
 def trainable(adapter):
     return [p for p in adapter.parameters() if p.requires_grad]
+
+
+ENCODER_PARAMS = ("q_g", "W_Q", "W_K", "W_V", "k_g", "v_g")
+
+
+def param_groups(adapter, lr, encoder_lr=None):
+    """AdamW parameter groups: the adapters' A and B at lr, the thought encoder's parameters at encoder_lr (default lr)."""
+    named = [(n, p) for n, p in adapter.named_parameters() if p.requires_grad]
+    encoder = [p for n, p in named if n in ENCODER_PARAMS]
+    groups = [dict(params=[p for n, p in named if n not in ENCODER_PARAMS], lr=lr)]
+    return groups + [dict(params=encoder, lr=lr if encoder_lr is None else encoder_lr)] * bool(encoder)
 
 
 def save_adapter(adapter, folder, **extra):

@@ -18,10 +18,20 @@ Why the windowed quarter: trained on full-cache traces only, the model guessed X
 (~28 nats of KL to the full cache at X), so all G rollouts of a group gave the same answer and GRPO had no signal;
 now X is uniform over the digits there (ln 10 nats), chance stays 0.1 and the full cache still solves the task.
 
+The k-memo family (length and capacity sweeps): a chain of 4k steps whose steps 1, 5, 9, ... are written as memo
+tokens of kinds a, b, c, ... (`b6`: kind b, digit 6), then `=` and the k memos recalled in order, then <eos>
+(trace 5k + 2 tokens). At prompt + 8 thought slots the window still shows memo j at its recall only for k <= 4,
+and none for k >= 5: longer traces leave more to S. Its own model (vocabulary 107, 128 positions) is built by the
+sweep commands into runs/toy-memos/model; its adapters are distilled (GRPO's all-or-nothing reward is too sparse).
+
     python toy.py build [--steps 1200] [--seed 0] [--out toy]   rebuild the shipped model (about 1 minute on one core)
     python toy.py check [--out toy]                             held-out accuracy, full cache and window at P + 8
-    python toy.py compare [--seeds 0,1,2] [--steps 400] [--threads 1]
-                                 the experiment: base full/window, LoRA_c, PTE, its ablations (GRPO), PTE distillation
+    python toy.py compare [--seeds 0,1,2] [--rows pte,window]   the comparison: base full/window, LoRA_c, PTE, its
+                                 ablations (GRPO) and PTE distillation; table + docs/toy-compare-reward.svg
+    python toy.py lengths [--ks 1,2,4,8] [--steps 100]          recall against trace length; docs/toy-lengths.svg
+    python toy.py capacity [--ks 8] [--ranks 4,8,16,32]         memos S holds against its rank; docs/toy-capacity.svg
+    python toy.py probe [--adapter DIR]                         how well a linear probe reads the memo from S
+The experiment commands are resumable: rerun the same command and finished runs come from the results.json ledger.
 A build is deterministic for a given seed, thread count and torch version (other versions train other weights).
 """
 import argparse
@@ -47,13 +57,15 @@ DIGIT, MEMO = ID["0"], ID["m0"]  # digit d is token DIGIT + d, its memo MEMO + d
 PROMPT_LEN, TRACE_LEN = N_OPS + 3, N_OPS + 6  # 19, 22
 EVAL_SEED, VALID_SEED = 1_000_003, 1_000_004  # held-out test and validation problems; training draws from --seed
 
-# what train.py uses for `--model toy` (these made the README's table). Measured (256 held-out problems, 1 thread):
-# PTE-GRPO with the paper-like adapter (alpha / r = 1, targets q,k,v,o, lr 1e-3, beta 0.02) stayed at chance. Adam
-# moves every parameter by about lr a step: B (zero at init) then grew far too slowly to read a memo that is ~10% of
-# S's fixed norm, and q/k updates broke the chain within 10-30 steps. Here B's step is alpha / r * lr = 8e-3, only
-# the output projections are adapted, and beta is 0.05.
-TOY_DEFAULTS = dict(cache=PROMPT_LEN + 8, evict=0.25, rank=16, alpha=128.0, globals=8, targets="o", lr=1e-3, beta=0.05,
-                    group=8, prompts_per_step=32, max_new=TRACE_LEN + 2, steps=300, temperature=1.0,
+# what train.py uses for `--model toy` (README, "Why GRPO stalled"). Measured on 256 held-out problems, 1 thread: the
+# encoder's S already holds the memo at initialisation (a linear probe reads it at 1.00), so the stall is the readout.
+# With LoRA's init (B = 0) the first updates go to B, reading one random projection S A x of S at every position
+# alike: the chain broke (KL to the base 0.27) and seed 2 stayed at chance for 160 steps. With A = 0 and B small
+# (b_init) the first updates go to A, whose gradient S^T B^T g x^T reads all of S and only where the reward speaks;
+# the encoder at a tenth of the rate kept the chain intact (KL < 0.07); seed 2 took off after 80 steps (0.29 at 150).
+# B's scale alpha / r = 8, only the output projections adapted, beta 0.05 (see git history for the earlier choices).
+TOY_DEFAULTS = dict(cache=PROMPT_LEN + 8, evict=0.25, rank=16, alpha=128.0, globals=8, targets="o", lr=1e-3, encoder_lr=1e-4,
+                    b_init=0.03, beta=0.05, group=8, prompts_per_step=32, max_new=TRACE_LEN + 2, steps=300, temperature=1.0,
                     micro_batch=256, eval_size=256, eval_every=0, save_every=100,  # one backward pass a step
                     threads=1)  # tiny matrices: more threads only add synchronisation (7x slower on a busy machine)
 
@@ -243,6 +255,32 @@ def check(folder, n=256):
     return acc
 
 
+def memo_probe(model, adapter, n=2048, seed=VALID_SEED, ridge=10.0):
+    """How much S knows about the memo: held-out accuracy (chance 0.1) of a ridge-regression probe that reads the
+    memo digit x4 from the cores S of all layers as they stand when X is predicted (after the last fold before the
+    forward of thought 16), fitted on 3/4 of n greedy rollouts under pte at the toy budget, scored on the rest."""
+    fold_cores, folds = adapter.update_cores, []
+
+    def recording(*args, **kw):  # rollout.fold's calls: one per layer and eviction, in order
+        new, ratio = fold_cores(*args, **kw)
+        folds.append(new)
+        return new, ratio
+    digits = draw_digits(n, torch.Generator().manual_seed(seed))
+    adapter.update_cores = recording
+    try:
+        generate(model, encode(digits)[0].tolist(), CachePolicy("pte", TOY_DEFAULTS["cache"], TOY_DEFAULTS["evict"]), 18, adapter)
+    finally:
+        del adapter.update_cores
+    W = TOY_DEFAULTS["cache"] - PROMPT_LEN
+    last = sum(t <= 16 for t in eviction_steps(TRACE_LEN, W, evict_count(W, TOY_DEFAULTS["evict"]), "window")) - 1
+    L = model.config.n_layers
+    x = torch.cat(folds[last * L:(last + 1) * L]).transpose(0, 1).flatten(1)  # (n, L r r)
+    x = torch.cat([(x - x.mean(0)) / (x.std(0) + 1e-6), torch.ones(n, 1)], 1)
+    y, fit = digits[:, :MEMO_AT + 1].sum(1) % 10, 3 * n // 4
+    w = torch.linalg.solve(x[:fit].T @ x[:fit] + ridge * torch.eye(x.shape[1]), x[:fit].T @ F.one_hot(y[:fit], 10).float())
+    return ((x[fit:] @ w).argmax(1) == y[fit:]).float().mean().item()
+
+
 COMPARE = [  # (row, train.py arguments, objective): the GRPO rows share steps and rollouts; distillation is our extension
     ("PTE", ["--policy", "pte"], "GRPO"), ("LoRA_c (window)", ["--policy", "window"], "GRPO"),
     ("PTE ablation: global-only", ["--policy", "global-only"], "GRPO"), ("PTE ablation: global-0", ["--policy", "global-0"], "GRPO"),
@@ -303,16 +341,21 @@ def compare(seeds, steps, distill_steps, threads, command, rows=None, out=Path("
              for p in ("full", "window")]
     runs = {}
     for name, extra, objective in COMPARE:
-        if rows and extra[1] + ("-distill" if objective == "distill" else "") not in rows:
+        n_steps = distill_steps if objective == "distill" else steps
+        folders = [out / f"{extra[1]}-{objective.lower()}-{n_steps}steps-seed{seed}" for seed in seeds]
+        done = json.loads(ledger.read_text()) if ledger.exists() else {}
+        if rows and extra[1] + ("-distill" if objective == "distill" else "") not in rows:  # not to train: shown if done
+            if all(f.name in done for f in folders):
+                table.append((name, objective, n_steps, [done[f.name] for f in folders]))
+                runs[name] = folders
             continue
-        n_steps, results = distill_steps if objective == "distill" else steps, []
-        for seed in seeds:
-            run = out / f"{extra[1]}-{objective.lower()}-{n_steps}steps-seed{seed}"
+        results = []
+        for seed, run in zip(seeds, folders):
             args = ["--model", "toy", *extra, "--steps", str(n_steps), "--seed", str(seed), "--threads", str(threads), "--eval-size", "0"]
             results.append(ledger_result(ledger, run.name, lambda run=run, args=args: accuracy_of(
                 "window" if extra[1] == "window" else "pte", train_adapter(model, run, args))))
-            runs.setdefault(name, []).append(run)
         table.append((name, objective, n_steps, results))
+        runs[name] = folders
     curve = plot.save(plot.line_chart(reward_curves(runs), f"Toy: mean reward of the rollouts over {len(seeds)} seed(s)",
                                       "step", "reward (10-step mean)", ylim=(0, 1)), plots / "toy-compare-reward.svg")
     print(f"\n$ {command}\nHeld-out accuracy of Y ({n} problems, greedy), budget P + 8 (W = 8, m = 2), seeds {seeds}:\n")
@@ -386,14 +429,16 @@ def memo_sweep(what, ks, ranks, steps, seed, threads, command, plots=Path("docs"
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Build, check or run the experiments of the toy model (see the docstring of toy.py).")
-    parser.add_argument("command", choices=("build", "check", "compare", "lengths", "capacity"))
+    parser.add_argument("command", choices=("build", "check", "compare", "lengths", "capacity", "probe"))
+    parser.add_argument("--adapter", type=Path, help="adapter folder to probe (probe; default: a fresh one at --seed)")
     parser.add_argument("--out", type=Path, default=TOY_DIR, help="model folder (default: the repository's toy/)")
     parser.add_argument("--steps", type=int, help="training steps (build: 1200; compare: the GRPO rows, default TOY_DEFAULTS; "
                         "lengths, capacity: distillation steps, default 100)")
     parser.add_argument("--distill-steps", type=int, default=150, help="steps of the distillation row (compare)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and training-data seed (build, lengths, capacity)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of every trained row (compare)")
-    parser.add_argument("--rows", help="comma-separated rows to train (compare): pte, window, global-only, global-0, pte-distill")
+    parser.add_argument("--rows", help="comma-separated rows to train (compare): pte, window, global-only, global-0, pte-distill; "
+                        "the others are shown when all their seeds are done")
     parser.add_argument("--ks", default="1,2,4,8", help="memos per trace (lengths; capacity uses the last)")
     parser.add_argument("--ranks", default="4,8,16,32", help="ranks of S (capacity)")
     parser.add_argument("--plots", type=Path, default=Path("docs"), help="folder of the SVG plots")
@@ -415,6 +460,13 @@ def main(argv=None):
     if args.command == "compare":
         rows = args.rows.split(",") if args.rows else None
         return compare(seeds, args.steps, args.distill_steps, args.threads, command, rows, plots=args.plots)
+    if args.command == "probe":
+        from encoder import Adapter, AdapterConfig, load_adapter
+        model = load("toy")
+        torch.manual_seed(args.seed)
+        adapter = load_adapter(args.adapter, model.config) if args.adapter else Adapter(model.config, AdapterConfig(
+            "pte", TOY_DEFAULTS["rank"], TOY_DEFAULTS["alpha"], TOY_DEFAULTS["globals"], TOY_DEFAULTS["targets"].split(",")))
+        return print(f"memo probe from S: {memo_probe(model, adapter):.3f} held-out accuracy (chance 0.1); {command}")
     if args.command in ("lengths", "capacity"):
         return memo_sweep(args.command, ks, ranks, args.steps, args.seed, args.threads, command, args.plots)
     if args.command == "build":

@@ -34,13 +34,13 @@ from tqdm import tqdm
 import data
 import grade
 import plot
-from encoder import Adapter, AdapterConfig, load_adapter, save_adapter, trainable
+from encoder import Adapter, AdapterConfig, load_adapter, param_groups, save_adapter, trainable
 from grpo import group_advantages, grpo_loss
 from model import load, load_tokenizer, resolve
 from rollout import CachePolicy, Rollout, generate, score
 
 PAPER_DEFAULTS = dict(policy="pte", cache=1024, evict=0.25, rank=32, globals=32, targets="q,k,v,o", lr=1e-5, grad_clip=1.0,
-                      max_new=3072, group=8, prompts_per_step=64, steps=200, temperature=1.0, beta=0.0, loss="token-mean",
+                      max_new=3072, b_init=0.0, group=8, prompts_per_step=64, steps=200, temperature=1.0, beta=0.0, loss="token-mean",
                       micro_batch=8, eval_every=50, eval_size=64, save_every=25, data="math_train")
 SHAPE_KEYS = ("model", "policy", "rank", "globals", "targets")  # a checkpoint must agree on these to be resumed
 
@@ -62,8 +62,11 @@ def parse_args(argv=None):
     a("--rank", type=int, help="adapter rank r")
     a("--alpha", type=float, help="adapter scale numerator (scale alpha/r); default: r")
     a("--globals", type=int, help="global tokens of the encoder's initial state")
+    a("--b-init", type=float, help="adapter init: 0 is LoRA's (A random, B = 0); > 0: A = 0, B ~ N(0, b_init^2)")
     a("--targets", help="adapted linears, comma-separated from q,k,v,o,gate,up,down")
     a("--lr", type=float, help="AdamW learning rate")
+    a("--encoder-lr", type=float, help="AdamW learning rate of the thought encoder (W_Q, W_K, W_V, q_g, global tokens); "
+      "default: --lr")
     a("--grad-clip", type=float, help="max gradient norm")
     a("--max-new", type=int, help="rollout token limit")
     a("--group", type=int, help="rollouts per prompt G")
@@ -289,13 +292,13 @@ def main(argv=None):
     settings = dict(model=args.model, policy=args.policy, cache_policy=cache_policy.policy, rank=args.rank, globals=args.globals,
                     targets=args.targets, **{k: v for k, v in vars(args).items() if k not in ("model", "policy", "rank", "globals", "targets")})
     torch.manual_seed(args.seed)
-    adapter = Adapter(model.config, AdapterConfig(mode, args.rank, args.alpha, args.globals, args.targets.split(","))).to(device)
-    optimizer = torch.optim.AdamW(trainable(adapter), lr=args.lr, weight_decay=0.0)
+    adapter = Adapter(model.config, AdapterConfig(mode, args.rank, args.alpha, args.globals, args.targets.split(","), args.b_init)).to(device)
+    optimizer = torch.optim.AdamW(param_groups(adapter, args.lr, args.encoder_lr), lr=args.lr, weight_decay=0.0)
     start = 0
     out = Path(args.resume or args.out or f"runs/{Path(str(args.model)).name}-{args.policy}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.resume:
         start, adapter, opt_state = load_checkpoint(out, settings, model.config, device)
-        optimizer = torch.optim.AdamW(trainable(adapter), lr=args.lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(param_groups(adapter, args.lr, args.encoder_lr), lr=args.lr, weight_decay=0.0)
         optimizer.load_state_dict(opt_state)
         log = out / "metrics.jsonl"
         if rank == 0 and log.exists():  # drop what was logged after the checkpoint: those steps run again

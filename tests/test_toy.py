@@ -206,3 +206,35 @@ def test_ledger_keeps_finished_results(tmp_path):
     assert first["accuracy"] == 0.5 and first["seconds"] >= 0
     toy.ledger_result(tmp_path / "r.json", "run-b", work)
     assert len(calls) == 2 and set(json.loads((tmp_path / "r.json").read_text())) == {"run-a", "run-b"}
+
+
+def test_probe_reads_the_memo_from_s_only_when_evictions_fold_in():
+    """The encoder at its initialisation already carries the memo digit linearly in S when X is predicted; with S
+    fixed at S(0) (global-only) the probe is at chance. A fold that drops the evicted tokens fails the first."""
+    from encoder import Adapter, AdapterConfig
+    model = load("toy")
+    torch.manual_seed(0)
+    acc = {mode: toy.memo_probe(model, Adapter(model.config, AdapterConfig(mode, 16, 128.0, 8, ["o"])), n=512)
+           for mode in ("pte", "global-only")}
+    assert acc["pte"] > 0.9 and acc["global-only"] < 0.25, acc
+
+
+def test_swapped_adapter_init_starts_at_the_base_model_and_trains_a_first():
+    """b_init > 0 (the toy's choice): A = 0, B random, so the update is zero at step 0 and only A has a gradient;
+    param_groups gives the encoder its own learning rate."""
+    from encoder import ENCODER_PARAMS, Adapter, AdapterConfig, param_groups
+    model = load("toy")
+    torch.manual_seed(0)
+    adapter = Adapter(model.config, AdapterConfig("pte", 4, 32.0, 2, ["o"], b_init=0.03))
+    assert all(not a.any() for a in adapter.A.values()) and all(0.02 < b.std() < 0.04 for b in adapter.B.values())
+    tokens = torch.tensor([load_tokenizer("toy").encode(toy.make_problems(2, 0)[0]["problem"]).ids] * 2)
+    cores = adapter.initial_cores(2)
+    loss = model(tokens, adapter=adapter, cores=cores).logsumexp(-1).sum()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, adapter=adapter, cores=cores), model(tokens))  # starts as the base model
+    loss.backward()
+    assert all(a.grad.abs().sum() > 0 for a in adapter.A.values()) and all(not b.grad.any() for b in adapter.B.values())
+    groups = param_groups(adapter, 1e-3, 1e-4)
+    assert [g["lr"] for g in groups] == [1e-3, 1e-4]
+    assert {id(p) for p in groups[1]["params"]} == {id(getattr(adapter, n)) for n in ENCODER_PARAMS}
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(adapter.parameters()))
