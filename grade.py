@@ -99,7 +99,7 @@ _SUBS = [(re.compile(p), r) for p, r in [
     (r"\\(?:leq?|leqslant|leqq)(?![a-zA-Z])", r"\\le "), (r"\\(?:geq?|geqslant|geqq)(?![a-zA-Z])", r"\\ge "),
     (r"\\neq?(?![a-zA-Z])", r"\\ne "), (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
     (r"\\[lr]?vert(?![a-zA-Z])", "|"), (r"\*\*", "^"),                           # |x|; plain x**2
-    (r"\\mathbb\s*\{?R\}?", r"(-\\infty,\\infty)"),                            # the reals as an interval
+    (r"\\mathbb\s*\{?R\}?", r"(-\\infty,\\infty)"), (r"\\varnothing", r"\\emptyset"),  # the reals, the empty set
     (r"\^\s*(?:\{\s*\\circ\s*\}|\\circ)|\\(?:circ|degree)(?![a-zA-Z])", ""),    # degrees dropped, never converted
     (r"(?<=[\d}])(?:\s*\\(?:text|mbox)\{\s*[a-zA-Z][a-zA-Z ]+\}(?:\^\{?-?\d+\}?)?)+\s*$", ""),  # 5\text{ cm}^2
     (r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}", r"\1"),  # \text{(C)} -> (C)
@@ -122,8 +122,10 @@ def _normalize(s):
 
 # ---------------------------------------------------------------- structure: matrices, unions, tuples, lists, relations
 
-_THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
-_LHS = re.compile(r"^([a-zA-Z](?:_\{[^{}]*\})?(?:\([a-zA-Z]\))?)\s*(?:=|\\in(?![a-zA-Z]))\s*")
+_THOUSANDS = re.compile(r"^-?\d{1,3}(?:(?:,\d{3})+|(?: \d{3})+)(?:\.\d+)?$")  # 1,000 or 1 000
+_LHS = re.compile(r"^([a-zA-Z](?:_\{[^{}]*\})?(?:\([a-zA-Z]\))?"       # x, a_{1}, f(x)
+                  r"|\([a-zA-Z](?:,\s*[a-zA-Z])+\))"                      # (x, y)
+                  r"\s*(?:=|\\in(?![a-zA-Z]))\s*")
 _MATRIX = re.compile(r"^\(?\\begin\{([pbvB]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}\)?$", re.DOTALL)
 _MIXED = re.compile(r"^(-?)(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}$")
 _CHOICE = re.compile(r"^\(([A-E])\)(?=\s|$)(?!.*\([A-E]\))|^([A-E])$")  # "(C) 12", but not "(A) or (C)"
@@ -176,7 +178,7 @@ def _canon(s, depth=0, lhs=True):
     if depth > 4:
         return ("text", s.replace(" ", ""))
     if _THOUSANDS.match(s):
-        s = s.replace(",", "")
+        s = re.sub("[, ]", "", s)
     if lhs and s.count("=") <= 1 and (m := _LHS.match(s)):  # x = 5, f(x) = 2x, x \in [1, 2]
         rest = s[m.end():]
         return ("label", m.group(1), _canon(rest, depth + 1), _equation(m.group(1), rest))
@@ -184,6 +186,8 @@ def _canon(s, depth=0, lhs=True):
         rows = re.split(r"\\\\", m.group(2).strip().rstrip("\\"))
         return ("mat", tuple(tuple(_canon(c, depth + 1) for c in row.split("&")) for row in rows))
     if len(parts := _split_top(s, "\\cup")) > 1:
+        if all(p.strip().startswith("\\{") and p.strip().endswith("\\}") for p in parts):  # \{1,2\} \cup \{3\}
+            return _set_union([_canon(p, depth + 1) for p in parts])
         return ("union", tuple(_canon(p, depth + 1) for p in parts))
     if s.startswith("\\{") and s.endswith("\\}"):
         s = s[2:-2]
@@ -199,6 +203,17 @@ def _canon(s, depth=0, lhs=True):
     if ops:
         return _relation(sides, ops, depth)
     return _scalar(s)
+
+
+def _set_union(sets):
+    """One list of the sets' items, each once."""
+    items = []
+    for x in (i for s in sets for i in (s[1] if s[0] == "list" else (s,))):
+        if len(items) > MAX_ITEMS:
+            return ("union", tuple(sets))
+        if not any(_same(x, y) for y in items):
+            items.append(x)
+    return ("list", tuple(items)) if len(items) > 1 else items[0]
 
 
 def _relation(sides, ops, depth):
@@ -238,8 +253,8 @@ def _scalar(s):
     s = _MIXED.sub(r"\1(\2+\\frac{\3}{\4})", s)
     if m := _CHOICE.match(s):
         return ("choice", m.group(1) or m.group(2))
-    if _WORD.match(s) and s != "pi":
-        return ("text", s.lower())
+    if _WORD.match(s) and s != "pi":  # a word, or a product of two letters when the other side is an expression
+        return ("word", s.lower(), mathexpr.value(s))
     value = mathexpr.value(s)
     return ("expr", value) if value else ("text", s.replace(" ", ""))
 
@@ -251,13 +266,16 @@ def _same(a, b):
         if b[0] == "label":
             return (a[1] == b[1] and _same(a[2], b[2])) or _proportional(a[3], b[3])
         return _proportional(a[3], b[1]) if b[0] == "eq" else _same(a[2], b)
+    if {a[0], b[0]} == {"word", "expr"}:  # ab == a \cdot b, but "on" != "no"
+        (word, expr) = (a, b) if a[0] == "word" else (b, a)
+        return word[2] is not None and mathexpr.equal(word[2], expr[1])
     if a[0] != b[0]:
         return False
     kind = a[0]
     if kind == "expr":
         return mathexpr.equal(a[1], b[1])
-    if kind in ("text", "choice"):
-        return a == b
+    if kind in ("text", "choice", "word"):
+        return a[1] == b[1]
     if kind == "mat":
         return len(a[1]) == len(b[1]) and all(_all_same(x, y) for x, y in zip(a[1], b[1]))
     if kind in ("union", "list"):

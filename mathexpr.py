@@ -107,8 +107,8 @@ class _Parser:
         while (t := self.peek()) is not None:
             if t in ("*", "\\cdot", "\\times", "/", "\\div"):
                 self.take()
-            elif not self.juxtaposable(t):  # juxtaposition multiplies, but "1 000" is not 1000 nor 0
-                break
+            elif not (self.juxtaposable(t) or (t[0].isdigit() and factors[-1][0] != "n")):
+                break  # juxtaposition multiplies (n2^n, 2x), but "1 000" is not 1000 nor 0
             factor = self.power(depth)
             factors.append(("inv", factor) if t in ("/", "\\div") else factor)
         if len(factors) > 1 and ("n", 0) in factors:  # I(0)e^{-t} is function notation, not 0
@@ -335,10 +335,10 @@ def _real_only(fn, z):
 
 
 def _gamma_plus_one(z):
-    if z.imag or z.real < -0.5:
-        raise Refuse("factorial of a complex or negative number")
+    if z.imag:
+        raise Refuse("factorial of a complex number")
     if z.real == int(z.real) and z.real <= 170:
-        return float(math.factorial(int(z.real)))
+        return float(math.factorial(int(z.real)))  # ValueError for a negative integer
     return math.gamma(z.real + 1)  # OverflowError beyond 171!
 
 
