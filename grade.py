@@ -45,7 +45,7 @@ MAX_ITEMS = 40         # longest unordered list we match item by item (quadratic
 # ---------------------------------------------------------------- extraction
 
 _BOX = re.compile(r"\\(?:boxed|fbox)")
-_FINAL = re.compile(r"\banswer\s*(?:is\b|:)[\s:*]*", re.IGNORECASE)   # "The (final) answer is", "**Answer:**"
+_FINAL = re.compile(r"nswer\s*(?:is\b|:)[\s:*]*")  # "The (final) answer is", "**Answer:**": a literal start is fast
 _GSM = re.compile(r"####\s*")
 _DELIMITED = re.compile(r"\$+(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]")
 
@@ -59,8 +59,9 @@ def extract_answer(text):
         return _box_content(text[boxes[-1]:boxes[-1] + MAX_LEN + 2])  # longer contents are never right
     for pattern in (_FINAL, _GSM):
         last = None
-        for last in pattern.finditer(text):
-            pass
+        for m in pattern.finditer(text):
+            before = text[max(m.start() - 2, 0):m.start()]  # the word "answer" or "Answer", for _FINAL
+            last = m if pattern is _GSM or (before[-1:] in ("a", "A") and not before[:-1].isalpha()) else last
         if last:
             ans = text[last.end():last.end() + MAX_LEN + 2].split("\n")[0].strip()
             m = _DELIMITED.match(ans)  # $..$, \(..\), \[..\]; else up to the sentence's end
