@@ -3,6 +3,7 @@
     parse(s) -> tree           "\\frac{x}{2}-\\frac14+ce^{-2x}", "-1+exp(16)", "pi/2", "\\binom{2n}{n}", "1000!", ...
     value(s) -> Value | None   the tree's exact value (when it has one) and its values at fixed pseudo-random points
     equal(a, b) -> bool        exact values when both have one; otherwise all shared points agree (>= 2 of them)
+    proportional(a, b) -> bool a = c b at every shared point: the equations a = 0 and b = 0 are the same
 
 The tree is nested tuples: ("n", Fraction), ("v", name), ("+", terms), ("*", factors), ("inv", x), ("^", base, exp),
 ("!", x), ("root", k, x), ("f", name, x), ("log", base | None, x), ("binom", n, k).
@@ -12,6 +13,7 @@ every product. The form is unique, so two exact values are equal exactly when th
 3.14 != \\pi, 1/2004! != 1/2006!. Anything else (sin, log, e^x, cube roots, division by a sum) is compared by value
 at POINTS points: each variable gets the same pseudo-random value on both sides, two points real and two complex,
 all with positive real part, where sqrt(xy) = sqrt(x) sqrt(y) and ln(x^2) = 2 ln x hold, but |x| != x.
+Floors and ceilings of variables get no values (random points would agree with a wrong constant).
 Departures from a CAS, on purpose: no simplification, so nothing can hang; no rounding of exact numbers; log is
 natural; every size is capped (exponents, bits, terms, factorials, tokens, nesting) and over a cap means "no value".
 """
@@ -379,14 +381,14 @@ def numeric(t, point):
     return complex(FUNCS[t[1]](numeric(t[2], point)))
 
 
-def variables(t):
-    """Names of the free variables of tree t (\\pi, e and i are constants; \\infty has no value)."""
+def _nodes(t):
+    """Every node of tree t."""
+    yield t
     kind = t[0]
-    if kind == "v":
-        return set() if t[1] in _CONSTANTS or t[1] == "\\infty" else {t[1]}
-    children = {"n": (), "+": t[1], "*": t[1], "inv": t[1:], "!": t[1:], "^": t[1:], "binom": t[1:], "root": t[2:],
-                "f": t[2:], "log": [x for x in t[1:] if x is not None]}[kind]
-    return set().union(*map(variables, children))
+    children = {"n": (), "v": (), "+": t[1], "*": t[1], "inv": t[1:], "!": t[1:], "^": t[1:], "binom": t[1:],
+                "root": t[2:], "f": t[2:], "log": [x for x in t[1:] if x is not None]}[kind]
+    for child in children:
+        yield from _nodes(child)
 
 
 @lru_cache(maxsize=4096)
@@ -412,7 +414,10 @@ def value(s):
         ex = tuple(sorted(exact(tree).items()))
     except (Refuse, ArithmeticError, RecursionError):
         ex = None
-    names = variables(tree)
+    nodes = list(_nodes(tree))
+    names = {x[1] for x in nodes if x[0] == "v" and x[1] not in _CONSTANTS and x[1] != "\\infty"}  # \infty: no value
+    if names and any(x[0] == "f" and x[1] in ("floor", "ceil") for x in nodes):
+        return Value(ex, (None,) * POINTS)  # piecewise constant: random points would agree with a wrong constant
     approx = tuple(_approx(tree, {n: _point_value(n, k) for n in names}) for k in range(POINTS if names else 1))
     return Value(ex, approx * (1 if names else POINTS))
 

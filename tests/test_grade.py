@@ -344,6 +344,7 @@ def test_numeric_values_and_tolerance():
     assert mathexpr.equal(value("\\sqrt{x}\\sqrt{y}"), value("\\sqrt{xy}"))              # Re x, Re y > 0
     assert not mathexpr.equal(value("|x|"), value("x")) and not mathexpr.equal(value("e^{-50}"), value("e^{-51}"))
     assert not mathexpr.equal(value("\\frac{1}{x}"), value("\\frac{1}{0}"))                # never defined: unequal
+    assert not mathexpr.equal(value("\\lfloor x \\rfloor"), value("1"))                     # x in [0.5, 3): no points
     assert mathexpr.proportional(value("2x+4y-6"), value("x+2y-3"))
     assert not mathexpr.proportional(value("2x+4y-6"), value("x+2y+3")) and not mathexpr.proportional(
         value("1"), value("2"))
