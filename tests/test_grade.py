@@ -201,6 +201,8 @@ CASES = [  # (completion, gold, expected score == 1)
     (box("x=2, x=1"), "1,2", True),
     (box("f(n)=n, g(n)=1"), "f(n)=1, g(n)=n", False),                       # different names are kept
     (box("(3,4),(1,2)"), "(1,2),(3,4)", True),
+    (box("\\{1,2\\} \\cup \\{2,3\\}"), "\\{1,2,3\\}", True),                          # a union of sets, each item once
+    (box("\\{1,2\\} \\cup \\{4\\}"), "\\{1,2,3\\}", False),
     (box("(2,1),(3,4)"), "(1,2),(3,4)", False),
     (box("f(x)=2-x, f(x)=x"), "f(x)=x,f(x)=2-x", True),
     # matrices
@@ -247,6 +249,8 @@ def test_extract_answer():
     assert extract_answer(None) is None
     assert extract_answer("The final answer is $x^2$. I hope it is correct.") == "x^2"
     assert extract_answer("#### 18") == "18"
+    assert extract_answer("**Answer:** $\\frac12$") == "\\frac12" and extract_answer("Answer: \\(x\\).") == "x"
+    assert extract_answer("the answer is 5. A misanswer is 6.") == "5"                   # "answer" as a word only
 
 
 def test_gold_list_and_bad_gold():
@@ -424,7 +428,7 @@ ADVERSARIAL = [
     "\\boxed{1000!}", "\\boxed{" + "1000!" * 60 + "}", "\\boxed{\\binom{3000}{1500}}", "\\boxed{3000!-2999!}",
     "\\boxed{e^{e^{e^{e^{e^{e^{100}}}}}}}", "\\boxed{" + "\\sin(" * 40 + "x" + ")" * 40 + "}",
     "\\boxed{(1+x)^{4096}-(1+x)^{4095}}", "\\boxed{2^{0.5^{-4096}}}", "\\boxed{\\sqrt[99]{" + "9" * 300 + "}}",
-    "\\boxed{" + "|" * 400 + "}", "\\boxed{" + "x<" * 300 + "x}", "\\boxed{" + "\\{1\\}\\cup" * 100 + "\\{1\\}}",
+    "\\boxed{" + "|" * 400 + "}", "\\boxed{" + "x<" * 490 + "x}", "\\boxed{" + "\\{1\\}\\cup" * 100 + "\\{1\\}}",
     "The answer is " + "9" * 2_000_000, "x" * 3_000_000 + " the answer is 5",             # megabytes of text
 ]
 
