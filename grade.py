@@ -34,6 +34,8 @@ exponents, number sizes, term counts, list lengths and nesting are capped, and a
 text. Every call stays far under 50 ms.
 """
 import re
+import unicodedata
+from fractions import Fraction
 
 import mathexpr
 
@@ -64,8 +66,9 @@ def extract_answer(text):
             last = m if pattern is _GSM or (before[-1:] in ("a", "A") and not before[:-1].isalpha()) else last
         if last:
             ans = text[last.end():last.end() + MAX_LEN + 2].split("\n")[0].strip()
-            m = _DELIMITED.match(ans)  # $..$, \(..\), \[..\]; else up to the sentence's end
-            ans = next(g for g in m.groups() if g) if m else re.split(r"\.(?:\s|$)", ans)[0]
+            m = _DELIMITED.match(ans)  # $..$, \(..\), \[..\] unless "$7$ or $8$"; else up to the sentence's end
+            hedged = m and re.match(r"\s*,?\s*(?:or|and)\s*(?:\$|\\\()", ans[m.end():])
+            ans = next(g for g in m.groups() if g) if m and not hedged else re.split(r"\.(?:\s|$)", ans)[0]
             return ans.strip().strip("*").strip() or None
     return None
 
@@ -89,7 +92,9 @@ _UNITS = (r"(?:square |sq |cubic )?(?:units?|cm|km|mm|meters?|inch(?:es)?|feet|f
 _UNICODE = {"\u2212": "-", "\u2013": "-", "\u2014": "-", "\u00d7": r"\times ", "\u03c0": r"\pi ", "\u221a": r"\sqrt",
             "\u00b0": r"^\circ ", "\u00b1": r"\pm ", "\u2264": r"\le ", "\u2265": r"\ge ", "\u2260": r"\ne ",
             "\u00b7": r"\cdot ", "\u22c5": r"\cdot ", "\u00f7": r"\div ", "\u221e": r"\infty ", "\u222a": r"\cup ",
-            "\u2208": r"\in ", "\u00b2": "^2", "\u00b3": "^3"}
+            "\u2208": r"\in ", "\u00b2": "^2", "\u00b3": "^3", "\u221b": r"\sqrt[3]", "\u221c": r"\sqrt[4]",
+            **{c: r"\frac{%d}{%d}" % Fraction(unicodedata.numeric(c)).limit_denominator(10).as_integer_ratio()
+               for c in "\u00bd\u2153\u2154\u00bc\u00be\u2155\u2156\u2157\u2158\u2159\u215a\u215b\u215c\u215d\u215e"}}  # ½ ⅓ ..
 _SUBS = [(re.compile(p), r) for p, r in [
     ("[" + "".join(_UNICODE) + "]", lambda m: _UNICODE[m.group()]),              # unicode math
     (r",\\!\s*|(?<=\d)(?:\{,\}|\\,)(?=\d{3}(?!\d))", ""),                       # 10,\!080, 10{,}080, 10\,080
