@@ -94,7 +94,7 @@ _UNICODE = {"\u2212": "-", "\u2013": "-", "\u2014": "-", "\u00d7": r"\times ", "
             "\u00b7": r"\cdot ", "\u22c5": r"\cdot ", "\u00f7": r"\div ", "\u221e": r"\infty ", "\u222a": r"\cup ",
             "\u2208": r"\in ", "\u00b2": "^2", "\u00b3": "^3", "\u221b": r"\sqrt[3]", "\u221c": r"\sqrt[4]",
             **{c: r"\frac{%d}{%d}" % Fraction(unicodedata.numeric(c)).limit_denominator(10).as_integer_ratio()
-               for c in "\u00bd\u2153\u2154\u00bc\u00be\u2155\u2156\u2157\u2158\u2159\u215a\u215b\u215c\u215d\u215e"}}  # ½ ⅓ ..
+               for c in "½⅓⅔¼¾⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞"}}
 _SUBS = [(re.compile(p), r) for p, r in [
     ("[" + "".join(_UNICODE) + "]", lambda m: _UNICODE[m.group()]),              # unicode math
     (r",\\!\s*|(?<=\d)(?:\{,\}|\\,)(?=\d{3}(?!\d))", ""),                       # 10,\!080, 10{,}080, 10\,080

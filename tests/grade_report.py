@@ -59,12 +59,12 @@ def main():
         if args.misses and not (ours and theirs):
             print(f"miss {'ours' if not ours else '    '} {'mv' if not theirs else '  '} {r['kind']:>13}: "
                   f"{r.get('answer', r['completion'])!r} vs {r['gold']!r} (label {r['label']})")
-    print(f"grader {grade.GRADER_VERSION}: {len(rows)} cases, {sum(not r['label'] for r in rows)} negatives; "
-          f"our calls: median {sorted(took)[len(took) // 2] * 1e3:.2f} ms, slowest {max(took) * 1e3:.1f} ms"
-          + ("" if mv else "; math-verify not installed"))
     print(f"| {'kind':<13} | cases | grade.py | math-verify |\n|---|---:|---:|---:|")
     for kind, (n, ours, theirs) in [*right.items(), ("all", [sum(c[i] for c in right.values()) for i in range(3)])]:
         print(f"| {kind:<13} | {n:>5} | {ours / n:>8.0%} | {theirs / n if mv else float('nan'):>11.0%} |")
+    print(f"\ngrader {grade.GRADER_VERSION}: {len(rows)} cases, {sum(not r['label'] for r in rows)} wrong answers among "
+          f"them; our calls: median {sorted(took)[len(took) // 2] * 1e3:.2f} ms, slowest {max(took) * 1e3:.1f} ms"
+          + ("" if mv else "; math-verify not installed"))
 
 
 if __name__ == "__main__":
