@@ -225,23 +225,16 @@ def _relation(sides, ops, depth):
     """An equation, an inequality in one variable as an interval (x \\le 3 == (-\\infty, 3]), or a chain."""
     if ops == ["="]:
         return ("eq", _equation(*sides), tuple(_canon(x, depth + 1, False) for x in sides))
-    if len(sides) == 2 and _VAR.match(sides[1]) and not _VAR.match(sides[0]):  # 3 > x -> x < 3
-        sides, ops = sides[::-1], [_FLIP[ops[0]]]
-    down = {"<": ">", "\\le": "\\ge"}
-    if all(o in ("<", "\\le") for o in ops) or all(o in (">", "\\ge") for o in ops):
-        if all(o in down.values() for o in ops):  # a > x > b -> b < x < a
-            sides, ops = sides[::-1], [_FLIP[o] for o in ops[::-1]]
-        bracket = {"<": ("(", ")"), "\\le": ("[", "]")}
-        if len(sides) == 2 and _VAR.match(sides[0]):
-            lo, hi, opening, closing = "-\\infty", sides[1], "(", bracket[ops[0]][1]
-        elif len(sides) == 2 and _VAR.match(sides[1]):
-            lo, hi, opening, closing = sides[0], "\\infty", bracket[ops[0]][0], ")"
-        elif len(sides) == 3 and _VAR.match(sides[1]):
-            lo, hi, opening, closing = sides[0], sides[2], bracket[ops[0]][0], bracket[ops[1]][1]
-        else:
-            lo = None
-        if lo is not None:
-            return ("seq", opening, closing, (_canon(lo, depth + 1), _canon(hi, depth + 1)))
+    if all(o in (">", "\\ge") for o in ops):  # a > x > b -> b < x < a
+        sides, ops = sides[::-1], [_FLIP[o] for o in ops[::-1]]
+    opening, closing = {"<": "(", "\\le": "["}, {"<": ")", "\\le": "]"}
+    if all(o in closing for o in ops) and len(sides) == 2:  # x < 3 as -oo < x < 3, 3 < x as 3 < x < oo
+        if _VAR.match(sides[0]):
+            sides, ops = ["-\\infty", *sides], ["<", *ops]
+        elif _VAR.match(sides[1]):
+            sides, ops = [*sides, "\\infty"], [*ops, "<"]
+    if all(o in closing for o in ops) and len(sides) == 3 and _VAR.match(sides[1]):
+        return ("seq", opening[ops[0]], closing[ops[1]], (_canon(sides[0], depth + 1), _canon(sides[2], depth + 1)))
     return ("rel", tuple(ops), tuple(_canon(x, depth + 1, False) for x in sides))
 
 
@@ -288,7 +281,7 @@ def _same(a, b):
     if kind == "seq":
         return a[1:3] == b[1:3] and _all_same(a[3], b[3])
     if kind == "eq":
-        return (_all_same(a[2], b[2]) or _all_same(a[2], b[2][::-1])) or _proportional(a[1], b[1])
+        return _all_same(a[2], b[2]) or _all_same(a[2], b[2][::-1]) or _proportional(a[1], b[1])
     return (a[1] == b[1] and _all_same(a[2], b[2])) or (  # rel: a < b == b > a
         a[1] == tuple(_FLIP[o] for o in b[1][::-1]) and _all_same(a[2], b[2][::-1]))
 
