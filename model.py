@@ -78,9 +78,14 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
 
 # ---------------------------------------------------------------------------------------------------- layers
 
+def wide(x):
+    """x in fp32 at least: bf16/fp16 statistics in fp32, as transformers computes them; fp64 stays (gradient checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def rms_norm(x, weight, eps):
     # statistics in fp32, cast back before the weight, exactly as transformers does
-    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+    return weight * F.rms_norm(wide(x), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

@@ -100,7 +100,7 @@ def test_cached_decoding_equals_one_forward(tiny_qwen, packed):
     ours = M.load(tiny_qwen[0])
     seq, P, T, lens = random_tokens((2, 24)), 8, 16, torch.tensor([8, 5])
     prompt_pos = (torch.arange(P) - (P - lens)[:, None]).clamp(min=-1)  # (2, P), -1 at pads
-    cache = RingCache.allocate(ours.config, 2, P, T, torch.float32, "cpu")
+    cache = RingCache.allocate(ours.config, 2, P, [T, T], torch.float32, "cpu")
     with torch.no_grad(), (M.packed_weights(ours) if packed else contextlib.nullcontext()):
         assert hasattr(ours.layers[0].self_attn.q_proj, "packed") == (packed and M.ONEDNN)
         cache.write_prompt(prompt_pos)
