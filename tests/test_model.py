@@ -138,6 +138,20 @@ SPEC_SHAPES = {  # SPEC section 1: layers, d, ffn, H, Hkv, vocab, tied, rope the
 }
 
 
+def test_masked_attention_with_expanded_kv_heads_equals_gqa():
+    """attend_masked's cuda path (KV heads expanded, no enable_gqa) equals SDPA's own GQA, and attend_one (decode)
+    equals both, under a mask that hides some keys: query head h reads KV head h // (H / Hkv)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 6, 3, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    mask = torch.zeros(2, 1, 3, 5).masked_fill_(torch.rand(2, 1, 3, 5, generator=g) < 0.3, torch.finfo(torch.float32).min)
+    mask[..., 0] = 0  # every query sees a key
+    plain = M.attend_masked(q, k, v, mask, expand=False)
+    torch.testing.assert_close(M.attend_masked(q, k, v, mask, expand=True), plain)
+    by_hand = torch.softmax(q @ k.repeat_interleave(3, 1).transpose(-1, -2) / 8 ** 0.5 + mask, -1) @ v.repeat_interleave(3, 1)
+    torch.testing.assert_close(plain, by_hand)
+    torch.testing.assert_close(M.attend_one(q[:, :, :1], k, v, mask[:, :, :1]), by_hand[:, :, :1])
+
+
 @pytest.mark.parametrize("name", SPEC_SHAPES)
 def test_registry_shapes(name):
     c = M.config_from_hf(M.REGISTRY[name][1])
