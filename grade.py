@@ -1,6 +1,6 @@
 """Answer grading: pull the final answer out of a completion and decide if it equals the reference.
 
-    extract_answer(text) -> str | None    last \\boxed{..} / \\fbox{..}; else "the (final) answer is .."; else "#### N"
+    extract_answer(text) -> str | None    last \\boxed{..} / \\fbox{..}; else the later of "answer is .." and "#### N"
     is_equiv(pred, gold) -> bool          normalised text equal, or same structure with equal values (mathexpr.py)
     score(completion, gold) -> float      1.0 / 0.0; gold may be a list of accepted answers (Minerva "answers")
 
@@ -59,18 +59,21 @@ def extract_answer(text):
     boxes = [m.end() for m in _BOX.finditer(text)]
     if boxes:
         return _box_content(text[boxes[-1]:boxes[-1] + MAX_LEN + 2])  # longer contents are never right
-    for pattern in (_FINAL, _GSM):
-        last = None
-        for m in pattern.finditer(text):
-            before = text[max(m.start() - 2, 0):m.start()]  # the word "answer" or "Answer", for _FINAL
-            last = m if pattern is _GSM or (before[-1:] in ("a", "A") and not before[:-1].isalpha()) else last
-        if last:
-            ans = text[last.end():last.end() + MAX_LEN + 2].split("\n")[0].strip()
-            m = _DELIMITED.match(ans)  # $..$, \(..\), \[..\] unless "$7$ or $8$"; else up to the sentence's end
-            hedged = m and re.match(r"\s*,?\s*(?:or|and)\s*(?:\$|\\\()", ans[m.end():])
-            ans = next(g for g in m.groups() if g) if m and not hedged else re.split(r"\.(?:\s|$)", ans)[0]
-            return ans.strip().strip("*").strip() or None
-    return None
+    last = max((m for p in (_FINAL, _GSM) for m in p.finditer(text) if p is _GSM or _word_answer(text, m.start())),
+               key=lambda m: m.start(), default=None)  # the later of "the answer is" and "####"
+    if last is None:
+        return None
+    ans = text[last.end():last.end() + MAX_LEN + 2].split("\n")[0].strip()
+    m = _DELIMITED.match(ans)  # $..$, \(..\), \[..\] unless "$7$ or $8$"; else up to the sentence's end
+    hedged = m and re.match(r"\s*,?\s*(?:or|and)\s*(?:\$|\\\()", ans[m.end():])
+    ans = next(g for g in m.groups() if g) if m and not hedged else re.split(r"\.(?:\s|$)", ans)[0]
+    return ans.strip().strip("*").strip() or None
+
+
+def _word_answer(text, i):
+    """The "nswer" found at i is the rest of the word "answer" or "Answer"."""
+    before = text[max(i - 2, 0):i]
+    return before[-1:] in ("a", "A") and not before[:-1].isalpha()
 
 
 def _box_content(rest):

@@ -249,6 +249,7 @@ def test_extract_answer():
     assert extract_answer("#### 18") == "18"
     assert extract_answer("**Answer:** $\\frac12$") == "\\frac12" and extract_answer("Answer: \\(x\\).") == "x"
     assert extract_answer("the answer is 5. A misanswer is 6.") == "5"                   # "answer" as a word only
+    assert extract_answer("the answer is above 10.\n#### 18") == "18" and extract_answer("#### 1\nAnswer: 2") == "2"
 
 
 def test_gold_list_and_bad_gold():
