@@ -62,8 +62,8 @@ def main():
     print(f"| {'kind':<13} | cases | grade.py | math-verify |\n|---|---:|---:|---:|")
     for kind, (n, ours, theirs) in [*right.items(), ("all", [sum(c[i] for c in right.values()) for i in range(3)])]:
         print(f"| {kind:<13} | {n:>5} | {ours / n:>8.0%} | {theirs / n if mv else float('nan'):>11.0%} |")
-    print(f"\ngrader {grade.GRADER_VERSION}: {len(rows)} cases, {sum(not r['label'] for r in rows)} wrong answers among "
-          f"them; our calls: median {sorted(took)[len(took) // 2] * 1e3:.2f} ms, slowest {max(took) * 1e3:.1f} ms"
+    print(f"\ngrader {grade.GRADER_VERSION}: {len(rows)} cases, {sum(not r['label'] for r in rows)} wrong answers "
+          f"among them; our calls: median {sorted(took)[len(took) // 2] * 1e3:.2f} ms, slowest {max(took) * 1e3:.1f} ms"
           + ("" if mv else "; math-verify not installed"))
 
 
