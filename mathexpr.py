@@ -405,11 +405,11 @@ def value(s):
     """Value of expression s, or None when s does not parse."""
     try:
         tree = parse(s)
-    except (Refuse, RecursionError):
+    except (ValueError, RecursionError):  # Refuse, or a malformed number
         return None
     try:
         ex = tuple(sorted(exact(tree).items()))
-    except (Refuse, ArithmeticError, RecursionError):
+    except (ValueError, ArithmeticError, RecursionError):
         ex = None
     nodes = list(_nodes(tree))
     names = {x[1] for x in nodes if x[0] == "v" and x[1] not in _CONSTANTS and x[1] != "\\infty"}  # \infty: no value
