@@ -57,17 +57,17 @@ DIGIT, MEMO = ID["0"], ID["m0"]  # digit d is token DIGIT + d, its memo MEMO + d
 PROMPT_LEN, TRACE_LEN = N_OPS + 3, N_OPS + 6  # 19, 22
 EVAL_SEED, VALID_SEED = 1_000_003, 1_000_004  # held-out test and validation problems; training draws from --seed
 
-# what train.py uses for `--model toy` (README, "Why GRPO stalled"). Measured on 256 held-out problems, 1 thread: the
-# encoder's S already holds the memo at initialisation (a linear probe reads it at 1.00), so the stall is the readout.
-# With LoRA's init (B = 0) the first updates go to B, reading one random projection S A x of S at every position
-# alike: the chain broke (KL to the base 0.27) and seed 2 stayed at chance for 160 steps. With A = 0 and B small
-# (b_init) the first updates go to A, whose gradient S^T B^T g x^T reads all of S and only where the reward speaks;
-# the encoder at a tenth of the rate kept the chain intact (KL < 0.07); seed 2 took off after 80 steps (0.29 at 150).
-# B's scale alpha / r = 8, only the output projections adapted, beta 0.05 (see git history for the earlier choices).
-TOY_DEFAULTS = dict(cache=PROMPT_LEN + 8, evict=0.25, rank=16, alpha=128.0, globals=8, targets="o", lr=1e-3, encoder_lr=1e-4,
-                    b_init=0.03, beta=0.05, group=8, prompts_per_step=32, max_new=TRACE_LEN + 2, steps=300, temperature=1.0,
-                    micro_batch=256, eval_size=256, eval_every=0, save_every=100,  # one backward pass a step
-                    threads=1)  # tiny matrices: more threads only add synchronisation (7x slower on a busy machine)
+# train.py's defaults for this model folder (train.py reads train_defaults.json in any model folder that has one).
+# Its data sets are generated (data.GENERATED): toy-train, toy-eval. Measured (256 held-out problems, 1 thread; README,
+# "Why GRPO stalled"): the encoder's S holds the memo from initialisation (a linear probe reads it at 1.00), so a stall
+# is the readout's. With LoRA's init (B = 0) the first updates go to B, which reads one random projection S A x of S,
+# alike at every position: the chain broke (KL to the base up to 0.27) and seed 2 stayed at chance for 160 steps.
+# With A = 0 and B ~ N(0, 0.03^2) (b_init) the first updates go to A, whose gradient S^T B^T g x^T reads all of S and
+# only where the reward speaks, and the encoder at a tenth of the rate (encoder_lr) keeps the chain intact: seed 2 left
+# chance after 80 steps. Also: B's scale alpha / r = 8, only the output projections adapted (q/k updates broke the
+# chain), beta 0.05; micro_batch 256: one backward pass a step; threads 1: tiny matrices, more threads only add
+# synchronisation (7x slower on a busy machine).
+TOY_DEFAULTS = json.loads((TOY_DIR / "train_defaults.json").read_text())
 
 
 def draw_digits(n, generator, n_ops=N_OPS):
@@ -93,6 +93,18 @@ def make_problems(n, seed):
     prompt, trace = encode(draw_digits(n, torch.Generator().manual_seed(seed)))
     return [dict(id=f"toy-{seed}-{i}", problem=" ".join(VOCAB[t] for t in p), answer=VOCAB[t[-3]])
             for i, (p, t) in enumerate(zip(prompt.tolist(), trace.tolist()))]
+
+
+def training_problems(seed):
+    """The data set toy-train (data.GENERATED): 20,000 problems drawn from the run's seed, a pool that does not
+    depend on --steps."""
+    return make_problems(20_000, seed)
+
+
+def held_out_problems(seed=None):
+    """The data set toy-eval: 4,096 problems from EVAL_SEED whatever the run's seed; the first n of them are
+    make_problems(n, EVAL_SEED)."""
+    return make_problems(4096, EVAL_SEED)
 
 
 # The k-memo family (length and capacity sweeps): chain of n = 4k steps, the step 4j - 3 written as a memo token of
@@ -302,9 +314,13 @@ def ledger_result(ledger: Path, key, work):
 
 
 def train_adapter(model, run: Path, args):
-    """train.main with `args` into folder `run` (continuing its checkpoint if a killed call left one); the adapter."""
+    """train.main with `args` into folder `run` (continuing its checkpoint if a killed call left one, else afresh);
+    the adapter."""
+    import shutil
     import train
     from encoder import load_adapter
+    if not (run / "latest").exists():
+        shutil.rmtree(run, ignore_errors=True)  # killed before its first checkpoint: nothing to continue
     train.main([*args, *(["--resume", str(run)] if (run / "latest").exists() else ["--out", str(run)])])
     return load_adapter(run / "adapter", model.config)
 
