@@ -28,8 +28,8 @@ sweep commands into runs/toy-memos/model; its adapters are distilled (GRPO's all
     python toy.py check [--out toy]                             held-out accuracy, full cache and window at P + 8
     python toy.py compare [--seeds 0,1,2] [--rows pte,window]   the comparison: base full/window, LoRA_c, PTE, its
                                  ablations (GRPO) and PTE distillation; table + docs/toy-compare-reward.svg
-    python toy.py lengths [--ks 1,2,4,8] [--steps 100]          recall against trace length; docs/toy-lengths.svg
-    python toy.py capacity [--ks 8] [--ranks 4,8,16,32]         memos S holds against its rank; docs/toy-capacity.svg
+    python toy.py lengths [--ks 1,2,4,6] [--steps 100]          recall against trace length; docs/toy-lengths.svg
+    python toy.py capacity [--ks 6] [--ranks 4,8,16,32]         memos S holds against its rank; docs/toy-capacity.svg
     python toy.py probe [--adapter DIR]                         how well a linear probe reads the memo from S
 The experiment commands are resumable: rerun the same command and finished runs come from the results.json ledger.
 A build is deterministic for a given seed, thread count and torch version (other versions train other weights).
@@ -456,7 +456,7 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of every trained row (compare)")
     parser.add_argument("--rows", help="comma-separated rows to train (compare): pte, window, global-only, global-0, pte-distill; "
                         "the others are shown when all their seeds are done")
-    parser.add_argument("--ks", default="1,2,4,8", help="memos per trace (lengths; capacity uses the last)")
+    parser.add_argument("--ks", default="1,2,4,6", help="memos per trace (lengths; capacity uses the last)")
     parser.add_argument("--ranks", default="4,8,16,32", help="ranks of S (capacity)")
     parser.add_argument("--plots", type=Path, default=Path("docs"), help="folder of the SVG plots")
     parser.add_argument("--tries", type=int, default=4, help="seeds to try until one learns the task (build)")
