@@ -130,8 +130,9 @@ def encode_memos(digits, k):
 def make_memo_problems(n, k, seed):
     """n k-memo problems {"id", "problem", "answer"} (answer: the recalled memo tokens; graded by recall_accuracy)."""
     prompt, trace = encode_memos(draw_digits(n, torch.Generator().manual_seed(seed), MEMO_EVERY * k), k)
-    return [dict(id=f"memos{k}-{seed}-{i}", problem=" ".join(VOCAB_MEMOS[t] for t in p),
-                 answer=" ".join(VOCAB_MEMOS[t] for t in tr[-k - 1:-1])) for i, (p, tr) in enumerate(zip(prompt.tolist(), trace.tolist()))]
+    words = lambda ids: " ".join(VOCAB_MEMOS[t] for t in ids)  # noqa: E731
+    return [dict(id=f"memos{k}-{seed}-{i}", problem=words(p), answer=words(tr[-k - 1:-1]))
+            for i, (p, tr) in enumerate(zip(prompt.tolist(), trace.tolist()))]
 
 
 def recall_accuracy(model, k, policy: CachePolicy, adapter=None, n=256, seed=EVAL_SEED):
@@ -280,7 +281,8 @@ def memo_probe(model, adapter, n=2048, seed=VALID_SEED, ridge=10.0):
     digits = draw_digits(n, torch.Generator().manual_seed(seed))
     adapter.update_cores = recording
     try:
-        generate(model, encode(digits)[0].tolist(), CachePolicy("pte", TOY_DEFAULTS["cache"], TOY_DEFAULTS["evict"]), 18, adapter)
+        policy = CachePolicy("pte", TOY_DEFAULTS["cache"], TOY_DEFAULTS["evict"])
+        generate(model, encode(digits)[0].tolist(), policy, 18, adapter)
     finally:
         del adapter.update_cores
     W = TOY_DEFAULTS["cache"] - PROMPT_LEN
@@ -338,7 +340,8 @@ def reward_curves(runs, smooth_over=10):
     return series
 
 
-def compare(seeds, steps, distill_steps, threads, command, rows=None, out=Path("runs/toy-compare"), plots=Path("docs"), n=256):
+def compare(seeds, steps, distill_steps, threads, command, rows=None, out=Path("runs/toy-compare"), plots=Path("docs"),
+            n=256):
     """The toy experiment in one command: train every row of COMPARE (or those named in `rows`) with train.main at
     the toy budget for each seed, evaluate greedily on n held-out problems, print a markdown table (mean and
     per-seed accuracy) and write the reward curves (mean over seeds) to plots/toy-compare-reward.svg.
@@ -353,8 +356,8 @@ def compare(seeds, steps, distill_steps, threads, command, rows=None, out=Path("
         summary, _ = evaluate(model, tokenizer, problems, policy, adapter, max_new=TOY_DEFAULTS["max_new"], batch_size=n, progress=False)
         return dict(accuracy=summary["accuracy"])
 
-    table = [(f"base, {p} cache" if p == "full" else "base, window", "-", "-", [ledger_result(ledger, f"base-{p}", lambda p=p: accuracy_of(p))])
-             for p in ("full", "window")]
+    table = [(name, "-", "-", [ledger_result(ledger, f"base-{p}", lambda p=p: accuracy_of(p))])
+             for name, p in (("base, full cache", "full"), ("base, window", "window"))]
     runs = {}
     for name, extra, objective in COMPARE:
         n_steps = distill_steps if objective == "distill" else steps
@@ -367,7 +370,8 @@ def compare(seeds, steps, distill_steps, threads, command, rows=None, out=Path("
             continue
         results = []
         for seed, run in zip(seeds, folders):
-            args = ["--model", "toy", *extra, "--steps", str(n_steps), "--seed", str(seed), "--threads", str(threads), "--eval-size", "0"]
+            args = ["--model", "toy", *extra, "--steps", str(n_steps), "--seed", str(seed), "--threads", str(threads),
+                    "--eval-size", "0"]
             results.append(ledger_result(ledger, run.name, lambda run=run, args=args: accuracy_of(
                 "window" if extra[1] == "window" else "pte", train_adapter(model, run, args))))
         table.append((name, objective, n_steps, results))
