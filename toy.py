@@ -363,10 +363,11 @@ def compare(seeds, steps, distill_steps, threads, command, rows=None, out=Path("
         n_steps = distill_steps if objective == "distill" else steps
         folders = [out / f"{extra[1]}-{objective.lower()}-{n_steps}steps-seed{seed}" for seed in seeds]
         done = json.loads(ledger.read_text()) if ledger.exists() else {}
-        if rows and extra[1] + ("-distill" if objective == "distill" else "") not in rows:  # not to train: shown if done
-            if all(f.name in done for f in folders):
-                table.append((name, objective, n_steps, [done[f.name] for f in folders]))
-                runs[name] = folders
+        if rows and extra[1] + ("-distill" if objective == "distill" else "") not in rows:  # not to train: its done seeds
+            if finished := [(seed, f) for seed, f in zip(seeds, folders) if f.name in done]:
+                partial = f" (seeds {','.join(str(seed) for seed, _ in finished)})" if len(finished) < len(seeds) else ""
+                table.append((name + partial, objective, n_steps, [done[f.name] for _, f in finished]))
+                runs[name + partial] = [f for _, f in finished]
             continue
         results = []
         for seed, run in zip(seeds, folders):
@@ -376,8 +377,9 @@ def compare(seeds, steps, distill_steps, threads, command, rows=None, out=Path("
                 "window" if extra[1] == "window" else "pte", train_adapter(model, run, args))))
         table.append((name, objective, n_steps, results))
         runs[name] = folders
-    curve = plot.save(plot.line_chart(reward_curves(runs), f"Toy: mean reward of the rollouts over {len(seeds)} seed(s)",
-                                      "step", "reward (10-step mean)", ylim=(0, 1)), plots / "toy-compare-reward.svg")
+    series = reward_curves(runs)
+    curve = plot.save(plot.line_chart(series, f"Toy: mean reward of the rollouts over {len(seeds)} seed(s)", "step",
+                                      "reward (10-step mean)", ylim=(0, 1)), plots / "toy-compare-reward.svg") if series else "none"
     print(f"\n$ {command}\nHeld-out accuracy of Y ({n} problems, greedy), budget P + 8 (W = 8, m = 2), seeds {seeds}:\n")
     print("| method | objective | steps | accuracy (mean) | per seed |\n|---|---|---|---|---|")
     for name, objective, n_steps, results in table:
@@ -458,8 +460,8 @@ def main(argv=None):
     parser.add_argument("--distill-steps", type=int, default=150, help="steps of the distillation row (compare)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and training-data seed (build, lengths, capacity)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of every trained row (compare)")
-    parser.add_argument("--rows", help="comma-separated rows to train (compare): pte, window, global-only, global-0, pte-distill; "
-                        "the others are shown when all their seeds are done")
+    parser.add_argument("--rows", help="comma-separated rows to train (compare): pte, window, global-only, global-0, "
+                        "pte-distill; the others show the seeds already done (--rows none: report only)")
     parser.add_argument("--ks", default="1,2,4,6", help="memos per trace (lengths; capacity uses the last)")
     parser.add_argument("--ranks", default="4,8,16,32", help="ranks of S (capacity)")
     parser.add_argument("--plots", type=Path, default=Path("docs"), help="folder of the SVG plots")
