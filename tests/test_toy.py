@@ -238,3 +238,14 @@ def test_swapped_adapter_init_starts_at_the_base_model_and_trains_a_first():
     assert [g["lr"] for g in groups] == [1e-3, 1e-4]
     assert {id(p) for p in groups[1]["params"]} == {id(getattr(adapter, n)) for n in ENCODER_PARAMS}
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(adapter.parameters()))
+
+
+def test_compare_resumes_from_its_ledger(tmp_path, monkeypatch, capsys):
+    """Finished runs come from results.json and are not trained again; a row with some seeds done shows those."""
+    done = {"base-full": 1.0, "base-window": 0.1, "pte-grpo-300steps-seed0": 0.9, "pte-grpo-300steps-seed1": 0.8}
+    (tmp_path / "results.json").write_text(json.dumps({k: dict(accuracy=v, seconds=10) for k, v in done.items()}))
+    monkeypatch.setattr(toy, "train_adapter", lambda *a: pytest.fail("a finished run was trained again"))
+    toy.compare([0, 1, 2], 300, 150, 1, "cmd", rows=["none"], out=tmp_path, plots=tmp_path)
+    table = capsys.readouterr().out
+    assert "| PTE (seeds 0,1) | GRPO | 300 | 0.850 | 0.900 0.800 |" in table and "LoRA_c" not in table
+    assert "| base, window | - | - | 0.100 | 0.100 |" in table and "total time 40 s" in table
