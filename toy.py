@@ -432,7 +432,7 @@ def memo_sweep(what, ks, ranks, steps, seed, threads, command, plots=Path("docs"
         results = {name: [fn(k) for k in ks] for name, fn in rows.items()}
         xs, xlabel = [5 * k + 2 for k in ks], "trace length (tokens; k = (length - 2) / 5 memos)"
         head = "| method | " + " | ".join(f"k = {k} ({5 * k + 2} tokens)" for k in ks) + " |"
-        ylabel, title = "memos recalled (share, chance 0.1)", f"Recall against trace length, {8} thought slots"
+        ylabel, title = "memos recalled (share, chance 0.1)", "Recall against trace length, 8 thought slots"
     else:
         k = ks[-1]
         results = {f"PTE (distilled), k = {k}": [acc(f"k{k}-pte-r{r}-{steps}", lambda r=r: recall_accuracy(
@@ -445,6 +445,9 @@ def memo_sweep(what, ks, ranks, steps, seed, threads, command, plots=Path("docs"
           f"evict 2:\n\n{head}\n|---|" + "---|" * len(xs))
     for name, rs in results.items():
         print(f"| {name} | " + " | ".join(f"{r['accuracy']:.3f}" for r in rs) + " |")
+        if what == "capacity":  # chance-corrected: k (share - 0.1) / 0.9
+            print("| memos S holds (of k = {}) | ".format(ks[-1]) + " | ".join(
+                f"{ks[-1] * (r['accuracy'] - 0.1) / 0.9:.2f}" for r in rs) + " |")
     total = sum(r["seconds"] for rs in results.values() for r in rs)
     print(f"\ntotal time {total + build_seconds:.0f} s ({build_seconds:.0f} s of it the model's build; {threads} thread(s)); "
           f"runs in {MEMOS_DIR}/; plot: {path}")
