@@ -20,7 +20,7 @@ now X is uniform over the digits there (ln 10 nats), chance stays 0.1 and the fu
 
 The k-memo family (length and capacity sweeps): a chain of 4k steps whose steps 1, 5, 9, ... are written as memo
 tokens of kinds a, b, c, ... (`b6`: kind b, digit 6), then `=` and the k memos recalled in order, then <eos>
-(trace 5k + 2 tokens). At prompt + 8 thought slots the window still shows memo j at its recall only for k <= 4,
+(trace 5k + 2 tokens; the prompt holds 33 digits for every k). At prompt + 8 thought slots the window still shows memo j at its recall only for k <= 4,
 and none for k >= 5: longer traces leave more to S. Its own model (vocabulary 107, 128 positions) is built by the
 sweep commands into runs/toy-memos/model; its adapters are distilled (GRPO's all-or-nothing reward is too sparse).
 
@@ -113,11 +113,13 @@ def held_out_problems(seed=None):
 K_MAX, MEMO_EVERY, KINDS = 8, 4, "abcdefgh"
 VOCAB_MEMOS = VOCAB + [f"{kind}{d}" for kind in KINDS for d in range(10)]  # shares the shipped toy's first 27 ids
 MEMOS_MODEL = (VOCAB_MEMOS, 128)  # vocabulary and position limit of the family's model
+MEMO_PROMPT = MEMO_EVERY * K_MAX + 3  # every k's prompt holds 33 digits (the chain uses 4k + 1 of them): with one
+# prompt length thought t always finds its operand t + 2 positions in (a 2-layer model did not learn a k-dependent offset)
 
 
 def encode_memos(digits, k):
-    """digits (n, 4k + 1) -> prompt ids (n, 4k + 3) and trace ids (n, 5k + 2): chain with k memos, `=`, recall, <eos>."""
-    n, x = len(digits), digits.cumsum(1) % 10  # x0..x_4k (n, 4k + 1)
+    """digits (n, 33) -> prompt ids (n, 35) and trace ids (n, 5k + 2): chain of 4k steps with k memos, `=`, recall, <eos>."""
+    n, x = len(digits), digits[:, :MEMO_EVERY * k + 1].cumsum(1) % 10  # x0..x_4k (n, 4k + 1)
     steps = DIGIT + x[:, 1:]  # (n, 4k)
     at = torch.arange(k) * MEMO_EVERY  # thought index of memo j (0-based): x_{4j+1}
     memos = len(VOCAB) + 10 * torch.arange(k) + x[:, at + 1]  # (n, k) token of kind j, digit x_{4j+1}
@@ -129,7 +131,7 @@ def encode_memos(digits, k):
 
 def make_memo_problems(n, k, seed):
     """n k-memo problems {"id", "problem", "answer"} (answer: the recalled memo tokens; graded by recall_accuracy)."""
-    prompt, trace = encode_memos(draw_digits(n, torch.Generator().manual_seed(seed), MEMO_EVERY * k), k)
+    prompt, trace = encode_memos(draw_digits(n, torch.Generator().manual_seed(seed), MEMO_EVERY * K_MAX), k)
     words = lambda ids: " ".join(VOCAB_MEMOS[t] for t in ids)  # noqa: E731
     return [dict(id=f"memos{k}-{seed}-{i}", problem=words(p), answer=words(tr[-k - 1:-1]))
             for i, (p, tr) in enumerate(zip(prompt.tolist(), trace.tolist()))]
@@ -138,7 +140,7 @@ def make_memo_problems(n, k, seed):
 def recall_accuracy(model, k, policy: CachePolicy, adapter=None, n=256, seed=EVAL_SEED):
     """Share of the k memos recalled right (greedy, n held-out problems; chance 0.1): the recall is the k tokens
     after `=`; a missing or wrong token counts as wrong."""
-    prompt, trace = encode_memos(draw_digits(n, torch.Generator().manual_seed(seed), MEMO_EVERY * k), k)
+    prompt, trace = encode_memos(draw_digits(n, torch.Generator().manual_seed(seed), MEMO_EVERY * K_MAX), k)
     out = generate(model, prompt.tolist(), policy, trace.shape[1] + 2, adapter, pad_id=ID["<pad>"])
     return recall_score(out.tokens, trace, k)
 
@@ -207,7 +209,7 @@ def train(steps, seed, batch=64, lr=3e-3, warmup=100, windowed=0.25, family=Fals
     for step in bar:
         if family:
             k = int(torch.randint(1, K_MAX + 1, (), generator=data))
-            prompt, trace = encode_memos(draw_digits(batch, data, MEMO_EVERY * k), k)
+            prompt, trace = encode_memos(draw_digits(batch, data, MEMO_EVERY * K_MAX), k)
         else:
             prompt, trace = encode(draw_digits(batch, data))
         h = net.hidden(torch.cat([prompt, trace[:, :-1]], 1), cache=None if family else MaskedForward(mask))
@@ -407,7 +409,7 @@ def memo_adapter(model, k, policy, rank, steps, seed, threads):
         data.write_text("".join(json.dumps(p) + "\n" for p in make_memo_problems(20_000, k, seed=1)))
     max_new = 5 * k + 4
     args = ["--model", str(MEMOS_DIR / "model"), "--data", str(data), "--policy", policy, "--objective", "distill",
-            "--cache", str(MEMO_EVERY * k + 3 + 8), "--evict", "0.25", "--rank", str(rank), "--alpha", str(8.0 * rank),
+            "--cache", str(MEMO_PROMPT + 8), "--evict", "0.25", "--rank", str(rank), "--alpha", str(8.0 * rank),
             "--globals", "8", "--targets", "o", "--lr", "1e-3", "--max-new", str(max_new), "--group", "1",
             "--prompts-per-step", "64", "--micro-batch", "64", "--steps", str(steps), "--save-every", str(steps),
             "--eval-size", "0", "--seed", str(seed), "--threads", str(threads), "--log-samples-every", "0"]
@@ -420,7 +422,7 @@ def memo_sweep(what, ks, ranks, steps, seed, threads, command, plots=Path("docs"
     import plot
     ledger = MEMOS_DIR / "results.json"
     model, build_seconds = memo_model(ledger)
-    policy = lambda name, k: CachePolicy(name, MEMO_EVERY * k + 3 + 8, 0.25)  # noqa: E731
+    policy = lambda name, k: CachePolicy(name, MEMO_PROMPT + 8, 0.25)  # noqa: E731
     acc = lambda key, fn: ledger_result(ledger, key, lambda: dict(accuracy=fn()))  # noqa: E731
     if what == "lengths":
         rows = {"full cache (base)": lambda k: acc(f"k{k}-base-full", lambda: recall_accuracy(model, k, policy("full", k))),

@@ -144,12 +144,14 @@ def test_shipped_model_spreads_the_recall_over_the_digits_when_the_memo_is_gone(
 @pytest.mark.slow
 def test_pte_distillation_recalls_what_the_window_forgets(tmp_path):
     """A broken encoder (or readout, or eviction hand-over) fails this: 40 distillation steps (~25 s on one core)
-    take PTE from chance to > 0.5 on held-out problems, where the base model under the same window stays at ~0.1."""
+    take PTE from chance to > 0.5 on held-out problems, where the base model under the same window stays at ~0.1.
+    LoRA's init and one learning rate, as in the paper (the toy's GRPO defaults reach 0.30 here: their encoder is slower)."""
     import train
     from encoder import load_adapter
     from eval import evaluate
     run = train.main(["--model", "toy", "--objective", "distill", "--steps", "40", "--prompts-per-step", "256", "--group", "1",
-                      "--lr", "1e-3", "--seed", "0", "--eval-size", "0", "--threads", "1", "--out", str(tmp_path / "run")])
+                      "--lr", "1e-3", "--encoder-lr", "1e-3", "--b-init", "0", "--seed", "0", "--eval-size", "0",
+                      "--threads", "1", "--out", str(tmp_path / "run")])
     model, tokenizer = load("toy"), load_tokenizer("toy")
     problems = toy.make_problems(128, toy.EVAL_SEED)
     accuracy = {}
@@ -167,9 +169,9 @@ def test_compare_refuses_bad_seeds():
 
 def test_memo_family_by_hand():
     # k = 2, x0 = 1 and every operand 1: x_i = 1 + i; memos at thoughts 0 and 4 hold x1 = 2 (kind a), x5 = 6 (kind b)
-    prompt, trace = toy.encode_memos(torch.ones(1, 9, dtype=torch.long), 2)
+    prompt, trace = toy.encode_memos(torch.ones(1, 33, dtype=torch.long), 2)
     tokenizer = toy.make_tokenizer(toy.VOCAB_MEMOS)
-    assert tokenizer.decode(prompt[0].tolist(), skip_special_tokens=False) == "<bos> " + " ".join("1" * 9) + " <sep>"
+    assert tokenizer.decode(prompt[0].tolist(), skip_special_tokens=False) == "<bos> " + " ".join("1" * 33) + " <sep>"
     assert tokenizer.decode(trace[0].tolist(), skip_special_tokens=False) == "a2 3 4 5 b6 7 8 9 = a2 b6 <eos>"
     problems = toy.make_memo_problems(50, 3, seed=1)
     assert problems == toy.make_memo_problems(50, 3, seed=1)
@@ -180,7 +182,7 @@ def test_memo_family_by_hand():
 
 
 def test_recall_score_counts_memos():
-    _, trace = toy.encode_memos(toy.draw_digits(2, torch.Generator().manual_seed(0), 8), 2)  # (2, 12): recall at 9, 10
+    _, trace = toy.encode_memos(toy.draw_digits(2, torch.Generator().manual_seed(0), 32), 2)  # (2, 12): recall at 9, 10
     assert toy.recall_score(trace, trace, 2) == 1.0
     wrong = trace.clone()
     wrong[0, 9] = toy.ID["<eos>"]
