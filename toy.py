@@ -20,8 +20,8 @@ now X is uniform over the digits there (ln 10 nats), chance stays 0.1 and the fu
 
 The k-memo family (length and capacity sweeps): a chain of 4k steps whose steps 1, 5, 9, ... are written as memo
 tokens of kinds a, b, c, ... (`b6`: kind b, digit 6), then `=` and the k memos recalled in order, then <eos>
-(trace 5k + 2 tokens; the prompt holds 33 digits for every k). At prompt + 8 thought slots the window still shows memo j at its recall only for k <= 4,
-and none for k >= 5: longer traces leave more to S. Its own model (vocabulary 107, 128 positions) is built by the
+(trace 5k + 2 tokens; the prompt, x0 and the 4k operands padded with `_`, is 35 tokens for every k). At prompt + 8 thought slots the window still shows memo j at its recall only for k <= 4,
+and none for k >= 5: longer traces leave more to S. Its own model (vocabulary 108, 128 positions) is built by the
 sweep commands into runs/toy-memos/model; its adapters are distilled (GRPO's all-or-nothing reward is too sparse).
 
     python toy.py build [--steps 1200] [--seed 0] [--out toy]   rebuild the shipped model (about 1 minute on one core)
@@ -111,21 +111,23 @@ def held_out_problems(seed=None):
 # kind j (a..h) and digit x_{4j-3}, then `=` and the k memos recalled in order (the same tokens), then <eos>.
 # Longer traces carry more to remember; every memo token is recognisable by its content (kind and digit).
 K_MAX, MEMO_EVERY, KINDS = 8, 4, "abcdefgh"
-VOCAB_MEMOS = VOCAB + [f"{kind}{d}" for kind in KINDS for d in range(10)]  # shares the shipped toy's first 27 ids
+VOCAB_MEMOS = VOCAB + [f"{kind}{d}" for kind in KINDS for d in range(10)] + ["_"]  # the shipped toy's 27 ids first
 MEMOS_MODEL = (VOCAB_MEMOS, 128)  # vocabulary and position limit of the family's model
-MEMO_PROMPT = MEMO_EVERY * K_MAX + 3  # every k's prompt holds 33 digits (the chain uses 4k + 1 of them): with one
+MEMO_PROMPT = MEMO_EVERY * K_MAX + 3  # every k's prompt is 35 tokens: x0, the 4k operands, then `_` fillers; with one
 # prompt length thought t always finds its operand t + 2 positions in (a 2-layer model did not learn a k-dependent offset)
 
 
 def encode_memos(digits, k):
-    """digits (n, 33) -> prompt ids (n, 35) and trace ids (n, 5k + 2): chain of 4k steps with k memos, `=`, recall, <eos>."""
+    """digits (n, 33) -> prompt ids (n, 35: x0, o1..o_4k, `_` fillers) and trace ids (n, 5k + 2): the chain of 4k steps
+    with k memos, `=`, the recall, <eos>."""
     n, x = len(digits), digits[:, :MEMO_EVERY * k + 1].cumsum(1) % 10  # x0..x_4k (n, 4k + 1)
     steps = DIGIT + x[:, 1:]  # (n, 4k)
     at = torch.arange(k) * MEMO_EVERY  # thought index of memo j (0-based): x_{4j+1}
     memos = len(VOCAB) + 10 * torch.arange(k) + x[:, at + 1]  # (n, k) token of kind j, digit x_{4j+1}
     steps[:, at] = memos
     tok = lambda name: torch.full((n, 1), ID[name])  # noqa: E731
-    prompt = torch.cat([tok("<bos>"), DIGIT + digits, tok("<sep>")], 1)
+    filler = torch.full((n, MEMO_EVERY * (K_MAX - k)), len(VOCAB_MEMOS) - 1)  # `_`: the chain ends where they begin
+    prompt = torch.cat([tok("<bos>"), DIGIT + digits[:, :MEMO_EVERY * k + 1], filler, tok("<sep>")], 1)
     return prompt, torch.cat([steps, tok("="), memos, tok("<eos>")], 1)
 
 

@@ -171,12 +171,12 @@ def test_memo_family_by_hand():
     # k = 2, x0 = 1 and every operand 1: x_i = 1 + i; memos at thoughts 0 and 4 hold x1 = 2 (kind a), x5 = 6 (kind b)
     prompt, trace = toy.encode_memos(torch.ones(1, 33, dtype=torch.long), 2)
     tokenizer = toy.make_tokenizer(toy.VOCAB_MEMOS)
-    assert tokenizer.decode(prompt[0].tolist(), skip_special_tokens=False) == "<bos> " + " ".join("1" * 33) + " <sep>"
+    assert tokenizer.decode(prompt[0].tolist(), skip_special_tokens=False) == "<bos> " + " ".join("1" * 9 + "_" * 24) + " <sep>"
     assert tokenizer.decode(trace[0].tolist(), skip_special_tokens=False) == "a2 3 4 5 b6 7 8 9 = a2 b6 <eos>"
     problems = toy.make_memo_problems(50, 3, seed=1)
     assert problems == toy.make_memo_problems(50, 3, seed=1)
     for p in problems:  # the answer recomputed from the prompt's digits
-        words = p["problem"].split()[1:-1]
+        words = [w for w in p["problem"].split()[1:-1] if w != "_"]
         xs = [sum(int(w) for w in words[:i + 1]) % 10 for i in range(len(words))]
         assert p["answer"] == " ".join(f"{kind}{xs[4 * j + 1]}" for j, kind in enumerate("abc"))
 
