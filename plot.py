@@ -58,10 +58,10 @@ def nice_ticks(lo, hi, n=5):
     return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def line_chart(series, title, xlabel, ylabel, ylim=None, xlog=False, width=560, height=340):
+def line_chart(series, title, xlabel, ylabel, ylim=None, xlog=False, width=590, height=340):
     """series: [(label, xs, ys)] -> SVG text. Lines with point markers, axes with round ticks, a legend on the right.
     xlog: a log2 x axis (ranks 4, 8, 16, 32 equally spaced), ticks at the data's x values."""
-    left, right, top, bottom = 56, 150, 30, 44
+    left, right, top, bottom = 56, 180, 30, 44
     xs_all = [x for _, xs, _ in series for x in xs]
     ys_all = [y for _, _, ys in series for y in ys]
     if not xs_all:
