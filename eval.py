@@ -38,7 +38,7 @@ def summarize(records, samples, tokens_per_s):
 
 
 def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=None, family=None, max_new=3072, samples=1,
-             temperature=0.0, top_p=1.0, batch_size=8, seed=0, progress=True):
+             temperature=0.0, top_p=1.0, batch_size=8, seed=0, progress=True, compile=None):
     """Generate `samples` completions of each {"id", "problem", "answer"} under `policy` and grade them.
     Returns (summary, records): see summarize; records in problem order, `samples` a problem."""
     if samples < 1 or batch_size < 1:
@@ -53,7 +53,9 @@ def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=No
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         out = rollout.generate(model, [prompts[i] for i, _ in batch], policy, max_new, adapter, temperature, top_p,
-                               generator=generator)
+                               generator=generator, compile=compile)
+        if start == 0 and out.stats.get("first_step_s"):
+            bar.write(f"compiled decode step: first call {out.stats['first_step_s']:.1f} s (compiling included)")
         seconds, tokens = seconds + out.stats["seconds"], tokens + out.stats["tokens"]
         for b, ((i, s), n) in enumerate(zip(batch, out.mask.sum(1).tolist())):  # the mask is a prefix of each row
             text = tokenizer.decode(out.tokens[b, :n].tolist(), skip_special_tokens=True)
@@ -98,6 +100,8 @@ def parser():
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--device", default="auto", help="auto: cuda when available")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="decode through the compiled step (rollout.compiled_step; default: on cuda, off on the CPU)")
     return p
 
 
@@ -139,7 +143,7 @@ def run(args, argv):
         for bench, problems in benches.items():
             for policy in policies:
                 summary, records = evaluate(net, tokenizer, problems, policy, adapter, family, args.max_new, args.samples,
-                                            args.temperature, args.top_p, args.batch_size, args.seed)
+                                            args.temperature, args.top_p, args.batch_size, args.seed, compile=args.compile)
                 results["results"].append(dict(bench=bench, policy=policy.policy, budget=policy.budget,
                                                evict=policy.evict, **summary))
                 f.writelines(json.dumps(dict(bench=bench, policy=policy.policy, **r), ensure_ascii=False) + "\n"

@@ -26,6 +26,7 @@ forward, the segment's recompute, the layer's recompute (plus the 2 backward mat
 On the CPU in fp32, `generate` holds a second, blocked copy of the weights while it decodes (model.packed_weights).
 """
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -121,10 +122,37 @@ def _evict(cache, sched, rows, evicted, device):
     return rows, cache.evict(rows, slots, valid), slots, valid
 
 
+def decode_step(model, adapter, k, v, pos, windows, prompt_slots, t, token, lens, cores):
+    """Thought token t (a 0-d tensor) of every row, token (B,), over a static RingCache of these tensors -> logits
+    (B, V). Every shape is the cache's and every index a tensor, so one graph serves all steps of a generate call."""
+    cache = RingCache(k, v, pos, windows, prompt_slots, static=True)
+    cache.write_thought(t, lens + t)
+    return dense(model.hidden(token[:, None], (lens + t)[:, None], cache, adapter, cores)[:, -1], model.lm_head)
+
+
+def compiled_step(cache):
+    """decode_step as one compiled graph. On cuda, CUDA graphs (mode reduce-overhead): a step costs its kernels,
+    not Python; the graph writes into the cache in place, so the cache's tensors are marked static (fixed addresses).
+    On the CPU, inductor fuses the small ops (RoPE, norms, SwiGLU, masks) between the linears."""
+    if cache.k.device.type != "cuda":
+        return torch.compile(decode_step, fullgraph=True, dynamic=True)
+    for x in (cache.k, cache.v, cache.pos):
+        torch._dynamo.mark_static_address(x)
+    step = torch.compile(decode_step, fullgraph=True, dynamic=True, mode="reduce-overhead")
+
+    def run(*args):
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: their memory may be reused
+        return step(*args)
+    return run
+
+
 @torch.no_grad()
 def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, temperature=0.0, top_p=1.0,
-             eos_ids=None, pad_id=None, generator=None):
-    """Sample completions of token-list prompts under the cache policy. See Rollout for what comes back."""
+             eos_ids=None, pad_id=None, generator=None, compile=None):
+    """Sample completions of token-list prompts under the cache policy. See Rollout for what comes back.
+    compile: decode through `compiled_step` (the same tokens and log-probs up to float rounding; the first call of a
+    process compiles it: stats["first_step_s"]), else step by step in eager mode, the reference; None: on cuda only
+    (on the CPU, eager's blocked weights are as fast: bench.py table 1)."""
     _check(policy, adapter)
     cfg, device, dtype = model.config, model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     eos = torch.tensor(list(eos_ids if eos_ids is not None else cfg.eos_ids) or [-1], device=device)
@@ -134,7 +162,11 @@ def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, tempera
     sched = policy.schedule([len(p) for p in prompts], max_new)
     evicting = sched.evicting(max_new)  # {t: rows}
     cache = RingCache.allocate(cfg, B, P, sched.windows, dtype, device)
-    with packed_weights(model):  # CPU fp32: a second, blocked copy of the weights while decoding (1.9x: bench.py)
+    compile = device.type == "cuda" if compile is None else compile
+    step, first_step_s = compiled_step(cache) if compile else None, None
+    # CPU fp32: a second, blocked copy of the weights while decoding (1.9x: bench.py); not compiled (inductor cannot
+    # lower oneDNN's opaque blocked tensors: a compiled step runs F.linear)
+    with nullcontext() if compile else packed_weights(model):
         cores = adapter.initial_cores(B) if adapter is not None else None
         t0 = time.perf_counter()
         cache.write_prompt(positions)
@@ -162,12 +194,19 @@ def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, tempera
                     folded, ratio = fold(adapter, cores[:, rows], layers, pos, valid, model.inv_freq)
                     cores = cores.index_copy(1, rows, folded)
                     ratios.append(ratio.item())
-            cache.write_thought(t, lens + t)
-            logits = dense(model.hidden(token[:, None], (lens + t)[:, None], cache, adapter, cores)[:, -1], model.lm_head)
+            if step is None:
+                cache.write_thought(t, lens + t)
+                logits = dense(model.hidden(token[:, None], (lens + t)[:, None], cache, adapter, cores)[:, -1], model.lm_head)
+            else:
+                t1 = time.perf_counter()
+                logits = step(model, adapter, cache.k, cache.v, cache.pos, cache.windows, P, torch.full((), t, device=device),
+                          token, lens, cores if cores is None else cores.contiguous())  # (B, V); S(0) is expanded
+                first_step_s = first_step_s or time.perf_counter() - t1
     seconds = time.perf_counter() - t0
     tokens, logprobs, mask = tokens[:, :steps], logprobs[:, :steps], masks[:, :steps]
     stats = dict(seconds=seconds, tokens=int(mask.sum()), tokens_per_s=int(mask.sum()) / seconds, steps=steps,
-                 cache_slots=cache.pos.shape[1], cache_slots_used=cache.used, windows=sched.windows,
+                 cache_slots=cache.pos.shape[1], cache_slots_used=cache.pos.shape[1] if compile else cache.used,
+                 first_step_s=first_step_s, windows=sched.windows,
                  evictions=sum(map(len, evictions)) / B, s_update_ratio=sum(ratios) / len(ratios) if ratios else None)
     return Rollout(prompt, lens, tokens, logprobs, mask, ~done, evictions, stats)
 

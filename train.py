@@ -87,6 +87,8 @@ def parse_args(argv=None):
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="base model dtype (auto: checkpoint's on GPU, fp32 on CPU)")
     a("--device", default="auto", help="auto | cpu | cuda")
     a("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    a("--compile", action=argparse.BooleanOptionalAction, help="decode through the compiled step (rollout.compiled_step; "
+      "default: on cuda, off on the CPU)")
     a("--log-samples-every", type=int, default=10, help="steps between sample completions written to samples.jsonl")
     args = p.parse_args(argv)
     if args.model == "toy":
@@ -315,7 +317,10 @@ def main(argv=None):
         problems = step_prompts(train_set, step, args, rank, world)
         prompts = [tokenizer.encode(data.format_prompt(p["problem"], family), add_special_tokens=False).ids for p in problems for _ in range(args.group)]
         gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 1009 + rank)  # a function of the step: resumable
-        ro = generate(model, prompts, cache_policy, args.max_new, adapter, args.temperature, args.top_p, generator=gen)
+        ro = generate(model, prompts, cache_policy, args.max_new, adapter, args.temperature, args.top_p, generator=gen,
+                      compile=args.compile)
+        if step == start and ro.stats.get("first_step_s"):
+            tqdm.write(f"compiled decode step: first call {ro.stats['first_step_s']:.1f} s (compiling included)")
         texts = [tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(ro.tokens, ro.mask)]
         rewards = torch.tensor([grade.score(t, p["answer"]) for t, p in zip(texts, (p for p in problems for _ in range(args.group)))], device=device)
         adv = group_advantages(rewards, args.group, std_norm=not args.no_std) if args.objective == "grpo" else rewards
@@ -350,7 +355,7 @@ def main(argv=None):
         if args.eval_every and (step + 1) % args.eval_every == 0 and held_out:
             from eval import evaluate
             summary, _ = evaluate(model, tokenizer, held_out, cache_policy, adapter=adapter, family=family, max_new=args.max_new,
-                                  batch_size=max(args.micro_batch, 16), progress=False)
+                                  batch_size=max(args.micro_batch, 16), progress=False, compile=args.compile)
             tqdm.write(f"step {step + 1}: held-out accuracy {summary['accuracy']:.3f} ({len(held_out)} problems)")
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(dict(step=step + 1, held_out_accuracy=summary["accuracy"])) + "\n")
