@@ -138,9 +138,15 @@ def load_adapter(folder, model_cfg, device="cpu"):
     try:
         meta = json.loads((folder / "adapter.json").read_text())
         adapter = Adapter(model_cfg, AdapterConfig(**meta["adapter"]))
-        tensors = load_file(str(folder / "adapter.safetensors"))
     except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{folder}: malformed adapter files ({e})") from None
+        raise ValueError(f"{folder / 'adapter.json'}: malformed ({e})") from None
+    try:
+        tensors = load_file(str(folder / "adapter.safetensors"))
+    except Exception as e:  # safetensors raises its own error type
+        raise ValueError(f"{folder / 'adapter.safetensors'} is unreadable, truncated or corrupt ({e})") from None
+    broken = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"{folder / 'adapter.safetensors'}: NaN or infinite values in {', '.join(broken[:4])}")
     expected = adapter.state_dict()
     bad = sorted(set(expected) ^ set(tensors)) + [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
     if bad:

@@ -49,11 +49,34 @@ class ModelConfig:
 
 
 SUPPORTED = ("qwen2", "llama")
+COUNT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "intermediate_size")
+SCALE_KEYS = ("rms_norm_eps", "rope_theta")
+
+
+def eos_ids(value, where) -> tuple:
+    """eos_token_id of a config (an id, a list of ids or none) as a tuple."""
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{where}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return tuple(ids)
 
 
 def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
     """Translate a Hugging Face config.json (old `rope_theta` or new `rope_parameters` form) and refuse what we do not implement."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(hf).__name__}")
     kind = hf.get("model_type")
+    for keys, kinds, what in ((COUNT_KEYS, int, "a positive integer"), (SCALE_KEYS, (int, float), "a positive number")):
+        for key in keys:
+            value = hf.get(key)
+            if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) or not value > 0):
+                raise ValueError(f"{where}: {key} must be {what}, got {value!r}")
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise ValueError(f"{where}: {key} must be an object, got {hf[key]!r}")
+    if not isinstance(hf.get("tie_word_embeddings", False), bool):
+        raise ValueError(f"{where}: tie_word_embeddings must be true or false, got {hf['tie_word_embeddings']!r}")
     if kind not in SUPPORTED:
         raise ValueError(f"{where}: model_type {kind!r} is not supported; supported: {', '.join(SUPPORTED)} (Qwen2/Qwen2.5, Llama/Llama-3)")
     if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias") or hf.get("use_sliding_window"):
@@ -64,7 +87,6 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
         raise ValueError(f"{where}: rope scaling {scaling.get('rope_type')!r} is not supported (only llama3)")
     try:
         heads = hf["num_attention_heads"]
-        eos = hf.get("eos_token_id")
         return ModelConfig(
             vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
             n_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
@@ -72,7 +94,7 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
             qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias")), o_bias=kind == "llama" and bool(hf.get("attention_bias")),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            eos_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []))
+            eos_ids=eos_ids(hf.get("eos_token_id"), where))
     except KeyError as e:
         raise ValueError(f"{where}: missing key {e}") from None
 
@@ -147,7 +169,7 @@ def attend_one(q, k, v, mask):
     B, H, _, D = q.shape
     q = q.reshape(B, k.shape[1], H // k.shape[1], D) * D ** -0.5  # (B, Hkv, G, D)
     scores = (k @ q.transpose(-1, -2)).transpose(-1, -2) + mask  # (B, Hkv, G, S)
-    return (torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype) @ v).view(B, H, 1, D)  # fp32 like SDPA's
+    return (torch.softmax(wide(scores), -1).to(v.dtype) @ v).view(B, H, 1, D)  # at least fp32, like SDPA's
 
 
 def attend_masked(q, k, v, mask, expand=None):
@@ -300,9 +322,10 @@ def read_config(folder: Path) -> ModelConfig:
     cfg = config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
     gen = folder / "generation_config.json"
     if gen.exists():  # instruct models stop on more ids than config.json names (Qwen2.5: <|im_end|> and <|endoftext|>)
-        eos = _read_json(gen).get("eos_token_id")
-        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-        cfg.eos_ids = tuple(dict.fromkeys((*cfg.eos_ids, *eos)))
+        generation = _read_json(gen)
+        if not isinstance(generation, dict):
+            raise ValueError(f"{gen}: expected a JSON object, got {type(generation).__name__}")
+        cfg.eos_ids = tuple(dict.fromkeys((*cfg.eos_ids, *eos_ids(generation.get("eos_token_id"), str(gen)))))
     return cfg
 
 
@@ -360,7 +383,11 @@ def load(name_or_path, dtype=None, device="cpu", random_weights=False) -> Transf
     for what, names in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong)):
         if names:
             raise ValueError(f"{folder}: {len(names)} tensor(s) {what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=False, assign=True)
+    tensors = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    broken = [k for k, v in tensors.items() if not torch.isfinite(v).all()]  # else generation is silently garbage
+    if broken:
+        raise ValueError(f"{folder}: {len(broken)} tensor(s) hold NaN or infinite values: {', '.join(broken[:5])}")
+    model.load_state_dict(tensors, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).to(device)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import model as M
 import rollout
 from cache import RingCache
-from conftest import SHARED, chatml, tiny_hf
+from conftest import chatml, tiny_hf
 
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
 SCALED = dict(rope_theta=500.0, rope_scaling=LLAMA3)  # D = 8: wavelengths 6, 30, 140, 663 hit all three llama3 branches
@@ -164,9 +164,9 @@ def test_registry_shapes(name):
     assert set(M.REGISTRY) == {*SPEC_SHAPES, "toy"}
 
 
-def test_tokenizer(tmp_path):
+def test_tokenizer(tmp_path, qwen_tokenizer_dir):
     (tmp_path / "bare").mkdir()
-    shutil.copy(SHARED / "models" / "qwen2.5" / "tokenizer.json", tmp_path)
+    shutil.copy(qwen_tokenizer_dir / "tokenizer.json", tmp_path)
     assert M.load_tokenizer(tmp_path).encode("Hello world").ids == [9707, 1879]
     with pytest.raises(FileNotFoundError, match="the model folder has no tokenizer.json"):
         M.load_tokenizer(tmp_path / "bare")
