@@ -20,8 +20,9 @@
 Rollouts decode exactly `length` tokens (no EOS) from random prompts of `--prompt-len` tokens, timed over the whole
 `generate` call (prefill included) after a 4-token warm-up (which compiles the step for `-compiled`: the timed call
 may not compile again). `full` and `window` run the bare model, as transformers does; `pte` needs its adapter
-(rank 32 on q, k, v, o; B = 0, so it decodes the base model's tokens at the adapter's cost). The training step scores a rollout built without decoding: random tokens, all valid, the eviction schedule
-that generate records (its cost does not depend on the token values).
+(rank 32 on q, k, v, o; B = 0, so it decodes the base model's tokens at the adapter's cost). The training step
+scores a rollout built without decoding: random tokens, all valid, the eviction schedule that generate records (its
+cost does not depend on the token values).
 Memory: on the CPU the peak resident memory (VmHWM) of a fresh subprocess per configuration, counted from the
 loaded model on (Linux clear_refs), beside its resident memory just after loading (the weights-only baseline);
 on cuda torch.cuda.max_memory_allocated beside torch.cuda.memory_allocated after loading.
@@ -94,7 +95,8 @@ def rollout_ours(s, model):
     batch = prompts(s, model.config.vocab_size).tolist()
     warm = generate(model, batch, policy, 4, adapter, eos_ids=[], compile=compile)
     torch._dynamo.config.error_on_recompile = True  # the timed call reuses the warm-up's graph, whatever its length
-    out, seconds = timed(lambda: generate(model, batch, policy, s["length"], adapter, eos_ids=[], compile=compile), s["device"])
+    out, seconds = timed(lambda: generate(model, batch, policy, s["length"], adapter, eos_ids=[], compile=compile),
+                         s["device"])
     cfg = model.config
     return dict(seconds=seconds, tokens=int(out.mask.sum()), compile_s=warm.stats["first_step_s"],
                 kv_bytes_per_slot=2 * cfg.n_layers * cfg.kv_dim * model.embed_tokens.weight.element_size())
@@ -245,17 +247,20 @@ def rollout_table(a, base, peer):
             lines = ["weights only (each subprocess just after loading): " + ", ".join(f"{k} {v['weights_mib']:.0f} MiB" for k, v in r.items())]
             if not a.device.startswith("cuda"):
                 lines.append("ours: generate adds a blocked copy of the fp32 weights while it decodes (model.packed_weights), "
-                             "counted in its MiB; -compiled runs F.linear instead")
-            lines.append(f"(% of floor): of the tokens/s if each forward read once, at the copy bandwidth ({bandwidth / 1e9:.1f} "
-                         f"GB/s), the weights ({w / 2**20:.0f} MiB) and the keys and values of the slots its rows attend to "
-                         f"({kv / 2**10:.0f} KiB a slot): the prompt's and the thought tokens kept (`full`: all, else at most "
-                         f"the window); -compiled attends over every slot of the preallocated cache under the mask")
+                             "counted in its MiB")
+            lines.append(f"(% of floor): of the tokens/s if each forward read once, at the copy bandwidth "
+                         f"({bandwidth / 1e9:.1f} GB/s), the weights ({w / 2**20:.0f} MiB) and the keys and values "
+                         f"of the slots its rows attend to ({kv / 2**10:.0f} KiB a slot): the prompt's and the "
+                         "thought tokens kept (`full`: all, else at most the window); -compiled attends over every "
+                         "slot of the preallocated cache under the mask")
             header("Rollout: tokens/s and peak memory (MiB) against generation length", a, lines,
                    ["new tokens"] + [f"{k} tok/s" + (" (% of floor)" if k != "transformers" else "") for k in r]
-                   + (["full / transformers"] if peer else []) + [f"{k} compile s" for k in compiled] + [f"{k} MiB" for k in r])
+                   + (["full / transformers"] if peer else []) + [f"{k} compile s" for k in compiled]
+                   + [f"{k} MiB" for k in r])
         floor = {p: floor_tokens_per_s(a, p, n, w, kv, bandwidth) for p in a.policies}
         row([str(n)] + [f"{v:.1f}" + (f" ({100 * v / floor[k]:.0f}%)" if k in floor else "") for k, v in tps.items()]
-            + ([f"{tps['full'] / tps['transformers']:.2f}"] if peer else []) + [f"{r[k]['compile_s']:.0f}" for k in compiled]
+            + ([f"{tps['full'] / tps['transformers']:.2f}"] if peer else [])
+            + [f"{r[k]['compile_s']:.0f}" for k in compiled]
             + [f"{v['peak_mib']:.0f}" for v in r.values()])
         mib.append({k: v["peak_mib"] for k, v in r.items()})
     yardstick = a.lengths.index(512) if 512 in a.lengths[:-1] else 0  # the issue's: 4,096 tokens against 512
@@ -304,8 +309,8 @@ def main():
     ap.add_argument("--group", type=int, default=None, help="table 3: rollouts a prompt (default 8; --quick 2)")
     ap.add_argument("--max-new", type=int, default=None, help="table 3: rollout token limit (default 2048; --quick 64)")
     ap.add_argument("--policies", default="full,full-compiled,window,pte,pte-compiled", help="table 1's policies "
-                    "(transformers runs beside full; full-plain: full through F.linear, to measure model.packed_weights; "
-                    "-compiled: through the compiled decode step)")
+                    "(transformers runs beside full; full-plain: full through F.linear, to measure "
+                    "model.packed_weights; -compiled: through the compiled decode step)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every subprocess")
     ap.add_argument("--batch", type=int, default=None, help="default 8 (--quick: 4; --gpu: 8, and 64 in table 1; "
                     "--gpu --quick: 2)")

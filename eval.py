@@ -169,7 +169,8 @@ def run(args, argv):
         for bench, problems in benches.items():
             for policy in policies:
                 summary, records = evaluate(net, tokenizer, problems, policy, adapter, family, args.max_new, args.samples,
-                                            args.temperature, args.top_p, args.batch_size, args.seed, compile=args.compile)
+                                            args.temperature, args.top_p, args.batch_size, args.seed,
+                                            compile=args.compile)
                 results["results"].append(dict(bench=bench, policy=policy.policy, budget=policy.budget,
                                                evict=policy.evict, skipped=skipped[bench], **summary))
                 f.writelines(json.dumps(dict(bench=bench, policy=policy.policy, **r), ensure_ascii=False) + "\n"

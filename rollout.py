@@ -6,6 +6,11 @@ eviction folds the evicted keys and values into that row's cores S. No autograd.
 each sampled token under softmax(logits / temperature) (top-p truncation is not renormalised into it, as in TRL and
 verl), so that `score` can reproduce it exactly.
 
+`generate(compile=True)` (the default on cuda) decodes through `compiled_step`: each step, all layers and one token
+a row, is one torch.compile graph over the same cache (CUDA graphs on cuda), with the step and every slot as index
+tensors; it attends over every slot under the mask (eager: over the slots filled so far), so no shape changes between
+steps. Evictions and folds into S stay outside the graph (once per eviction).
+
 `score` replays prompt and completion under the same policy in four named steps (SPEC section 4):
 1. `plan_segments`: cut the fed tokens at every row's evictions, and runs longer than the smallest m into chunks of
    it. paper: a segment is a run between evictions; here: runs between any row's evictions, cut to at most m
@@ -26,7 +31,6 @@ forward, the segment's recompute, the layer's recompute (plus the 2 backward mat
 On the CPU in fp32, `generate` holds a second, blocked copy of the weights while it decodes (model.packed_weights).
 """
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -164,9 +168,7 @@ def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, tempera
     cache = RingCache.allocate(cfg, B, P, sched.windows, dtype, device)
     compile = device.type == "cuda" if compile is None else compile
     step, first_step_s = compiled_step(cache) if compile else None, None
-    # CPU fp32: a second, blocked copy of the weights while decoding (1.9x: bench.py); not compiled (inductor cannot
-    # lower oneDNN's opaque blocked tensors: a compiled step runs F.linear)
-    with nullcontext() if compile else packed_weights(model):
+    with packed_weights(model):  # CPU fp32: a second, blocked copy of the weights while decoding (1.9x: bench.py)
         cores = adapter.initial_cores(B) if adapter is not None else None
         t0 = time.perf_counter()
         cache.write_prompt(positions)
@@ -196,11 +198,13 @@ def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, tempera
                     ratios.append(ratio.item())
             if step is None:
                 cache.write_thought(t, lens + t)
-                logits = dense(model.hidden(token[:, None], (lens + t)[:, None], cache, adapter, cores)[:, -1], model.lm_head)
+                h = model.hidden(token[:, None], (lens + t)[:, None], cache, adapter, cores)  # (B, 1, d)
+                logits = dense(h[:, -1], model.lm_head)
             else:
                 t1 = time.perf_counter()
-                logits = step(model, adapter, cache.k, cache.v, cache.pos, cache.windows, P, torch.full((), t, device=device),
-                          token, lens, cores if cores is None else cores.contiguous())  # (B, V); S(0) is expanded
+                cores = cores if cores is None else cores.contiguous()  # S(0) is expanded over the rows: one layout
+                logits = step(model, adapter, cache.k, cache.v, cache.pos, cache.windows, P,
+                              torch.full((), t, device=device), token, lens, cores)  # (B, V)
                 first_step_s = first_step_s or time.perf_counter() - t1
     seconds = time.perf_counter() - t0
     tokens, logprobs, mask = tokens[:, :steps], logprobs[:, :steps], masks[:, :steps]

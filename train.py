@@ -45,7 +45,8 @@ PAPER_DEFAULTS = dict(policy="pte", cache=1024, evict=0.25, rank=32, globals=32,
                       max_new=3072, group=8, prompts_per_step=64, steps=200, temperature=1.0, beta=0.0, loss="token-mean",
                       micro_batch=8, eval_every=50, eval_size=64, save_every=25, data="math_train")
 SHAPE_KEYS = ("model", "policy", "rank", "globals", "targets")  # a checkpoint must agree on these to be resumed
-SAFE_ON_RESUME = ("steps", "save_every", "eval_every", "log_samples_every", "micro_batch", "threads", "device", "compile")
+SAFE_ON_RESUME = ("steps", "save_every", "eval_every", "log_samples_every", "micro_batch", "threads", "device",
+                  "compile")
 NOT_SETTINGS = ("resume", "out")  # where the run lives, not how it runs
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -142,8 +143,8 @@ def parser():
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="base model dtype (auto: checkpoint's on GPU, fp32 on CPU)")
     a("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     a("--threads", type=number(int, 1), help="CPU threads (torch.set_num_threads)")
-    a("--compile", action=argparse.BooleanOptionalAction, help="decode through the compiled step (rollout.compiled_step; "
-      "default: on cuda, off on the CPU)")
+    a("--compile", action=argparse.BooleanOptionalAction,
+      help="decode through the compiled step (rollout.compiled_step; default: on cuda, off on the CPU)")
     a("--log-samples-every", type=number(int, 0), default=10, help="steps between sample completions written to samples.jsonl")
     return p, builtin
 
