@@ -132,11 +132,12 @@ class RingCache:
     def update(self, layer, k, v):
         if self.slots is None:  # the prefill: slots [0, P)
             self.k[layer, :, :, :k.shape[2]], self.v[layer, :, :, :k.shape[2]] = k, v
-        else:  # one token a row, each into its own ring's slot; every index a tensor: one scatter into the whole
-            # cache, which a compiled step does in place (self.k[layer][...] = ... would copy the cache there)
+        else:  # one token a row, each into its own ring's slot
             rows = torch.arange(k.shape[0], device=k.device)
-            layers = torch.full_like(rows, layer)
-            self.k[layers, rows, :, self.slots], self.v[layers, rows, :, self.slots] = k[:, :, 0], v[:, :, 0]
+            # static: the layer a tensor too, one scatter into the whole cache, which a compiled step does in place
+            # (an int selects a view first, and the compiled scatter into that view copies the whole cache)
+            at = torch.full_like(rows, layer) if self.static else layer
+            self.k[at, rows, :, self.slots], self.v[at, rows, :, self.slots] = k[:, :, 0], v[:, :, 0]
         return self.k[layer, :, :, :self.used], self.v[layer, :, :, :self.used]
 
 
