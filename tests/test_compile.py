@@ -50,7 +50,6 @@ def test_static_step_equals_eager_without_compiling(monkeypatch, policy):
     eager, static = both(toy, TOY_PROMPTS, CachePolicy(policy, 16), 30, adapter, temperature=1.0)
     assert (sum(map(len, eager.evictions)) >= 6) == (policy != "full")  # each row evicts twice or more, but in full
     assert_same(eager, static)
-    assert static.stats["cache_slots_used"] == static.stats["cache_slots"]  # attends over all slots, every step
 
 
 def test_compiled_toy_equals_eager_one_graph():
