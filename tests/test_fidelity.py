@@ -1,0 +1,83 @@
+"""eval.py --kl against KL computed by hand from two masked forwards (full causal, and the SPEC section 2 window);
+about 0 for the full cache; an adapter counts; on the toy, distillation under pte brings the KL below the window's."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import eval as ev
+import model as M
+from cache import MaskedForward
+from encoder import Adapter, AdapterConfig
+from rollout import CachePolicy
+
+P, W, M_EVICT, MAX_NEW = 6, 8, 2, 24  # budget P + W, evict 0.25: evictions before thoughts 8, 10, ..., 22
+PROBLEMS = [dict(id="a", problem="abcdef", answer="1"), dict(id="b", problem="uvwxyz", answer="2")]  # P tokens each
+
+
+class ModTokenizer:
+    """One token a character, inside the tiny model's vocabulary of 97."""
+    def encode(self, text, add_special_tokens=True):
+        return SimpleNamespace(ids=[ord(c) % 90 + 5 for c in text])
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(48 + i % 43) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_qwen):
+    torch.set_num_threads(1)
+    return M.load(tiny_qwen[0])
+
+
+def evaluate(model, policy, budget, monkeypatch, adapter=None):
+    """evaluate with --kl on PROBLEMS (sampled, one batch), and the rollout it generated."""
+    rollouts, generate = [], ev.rollout.generate
+    monkeypatch.setattr(ev.rollout, "generate", lambda *a, **k: rollouts.append(generate(*a, **k)) or rollouts[-1])
+    summary, records = ev.evaluate(model, ModTokenizer(), PROBLEMS, CachePolicy(policy, budget, 0.25), adapter,
+                                   max_new=MAX_NEW, temperature=1.0, batch_size=2, progress=False, kl=True)
+    (ro,) = rollouts
+    return summary, records, ro
+
+
+def by_hand(model, ro, first):
+    """Mean KL(full || window) per token over tokens j >= first of every row, from two whole-sequence forwards:
+    causal, and each thought t seeing the prompt and the thoughts a ring of W (m evicted at a time) held at t."""
+    seq = torch.cat([ro.prompts, ro.tokens], 1)  # (B, P + T): no padding, the prompts are P tokens each
+    S, T = seq.shape[1], ro.tokens.shape[1]
+    allowed = torch.ones(S, S, dtype=torch.bool).tril()
+    oldest = 0
+    for t in range(T):
+        oldest += M_EVICT if t >= W and (t - W) % M_EVICT == 0 else 0  # evicted before token t is written
+        allowed[P + t, P:P + oldest] = False
+    mask = torch.zeros(S, S).masked_fill(~allowed, torch.finfo(torch.float32).min).expand(len(seq), 1, S, S)
+    with torch.no_grad():
+        full = torch.log_softmax(model(seq)[:, P - 1:-1], -1)  # (B, T, V): predicts token j from position P - 1 + j
+        window = torch.log_softmax(model(seq, cache=MaskedForward(mask))[:, P - 1:-1], -1)
+    return (full.exp() * (full - window)).sum(-1)[:, first:].mean().item()
+
+
+def test_window_kl_is_the_kl_by_hand(tiny, monkeypatch):
+    summary, records, ro = evaluate(tiny, "window", P + W, monkeypatch)
+    assert ro.evictions[0] == W and ro.tokens.shape[1] == MAX_NEW  # no EOS in this vocabulary: every row runs to 24
+    expected = by_hand(tiny, ro, W + 1)  # the first prediction after the eviction before token 8 is token 9's
+    assert summary["kl"] == pytest.approx(expected, rel=1e-3) and expected > 1e-4  # fp32 sums of near-equal terms
+    assert summary["kl_tokens"] == 2 * (MAX_NEW - W - 1) and all(r["kl_tokens"] == MAX_NEW - W - 1 for r in records)
+    assert sum(r["kl"] for r in records) / 2 == pytest.approx(expected, rel=1e-3)
+    assert "| KL to full |" in ev.table([dict(bench="b", policy="window", budget=0, evict=0.25, **summary)])
+
+
+def test_full_cache_kl_is_zero_and_an_adapter_counts(tiny, monkeypatch):
+    summary, records, _ = evaluate(tiny, "full", P + W, monkeypatch)  # scored where a window of P + W would be
+    assert summary["kl_tokens"] == 2 * (MAX_NEW - W - 1) and abs(summary["kl"]) < 1e-6
+    monkeypatch.undo()
+    lora = Adapter(tiny.config, AdapterConfig(mode="lora", rank=4, alpha=4.0))
+    with torch.no_grad():
+        for b in lora.B.values():
+            b.normal_(0, 0.1)
+    summary, _, _ = evaluate(tiny, "full", P + W, monkeypatch, lora)
+    assert summary["kl"] > 1e-4
+    monkeypatch.undo()
+    summary, records, _ = evaluate(tiny, "full", 1024, monkeypatch)  # a window of 1024 would never have evicted
+    assert summary["kl"] is None and summary["kl_tokens"] == 0 and records[0]["kl"] is None
+    assert "| - |" in ev.table([dict(bench="b", policy="full", budget=1024, evict=0.25, **summary)])
