@@ -9,6 +9,8 @@ with at least one right sample: with n = k samples the unbiased estimator of Che
 completion length in tokens (EOS included), share stopped by --max-new, and evictions per sample (those that came
 before the sample's last token, i.e. that changed what it saw). results.json keeps every setting behind the
 numbers; samples.jsonl every completion with its grade.
+--kl adds fidelity, for any model and adapter and without a grader: the mean per-token KL(full-cache base model ||
+policy) over each completion's tokens after its first eviction, on the policy's own completions (token_kl).
 Rows are batched longest prompt first (less left padding, and a budget too small fails at once); results come back
 in problem order. Under sampling the draws depend on the batching: reruns match with the same --batch-size and --seed.
 """

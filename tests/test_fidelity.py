@@ -81,3 +81,46 @@ def test_full_cache_kl_is_zero_and_an_adapter_counts(tiny, monkeypatch):
     summary, records, _ = evaluate(tiny, "full", 1024, monkeypatch)  # a window of 1024 would never have evicted
     assert summary["kl"] is None and summary["kl_tokens"] == 0 and records[0]["kl"] is None
     assert "| - |" in ev.table([dict(bench="b", policy="full", budget=1024, evict=0.25, **summary)])
+
+
+def test_cli_writes_kl_beside_accuracy_and_length(tmp_path, capsys):
+    """eval.py --kl on the shipped toy: results.json and the table carry the KL; the base window's is ln(10) / 13
+    (see the toy test below), the full cache's 0."""
+    import json
+    import math
+
+    import toy
+    bench = tmp_path / "toy.jsonl"
+    bench.write_text("".join(json.dumps(p) + "\n" for p in toy.make_problems(32, toy.EVAL_SEED)))
+    ev.main(["--model", "toy", "--bench", str(bench), "--policy", "full,window", "--cache", str(toy.TOY_DEFAULTS["cache"]),
+             "--max-new", str(toy.TOY_DEFAULTS["max_new"]), "--batch-size", "32", "--threads", "1", "--kl",
+             "--out", str(tmp_path / "out")])
+    full, window = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert abs(full["kl"]) < 1e-6 and window["kl"] == pytest.approx(math.log(10) / 13, rel=0.1)
+    assert full["kl_tokens"] == window["kl_tokens"] == 32 * 13 and full["accuracy"] == 1.0
+    printed = capsys.readouterr().out
+    assert "| mean length | KL to full |" in printed and f"| 22 | {window['kl']:.4f} |" in printed
+
+
+@pytest.mark.slow
+def test_toy_distillation_under_pte_lowers_the_kl_below_the_window(tmp_path):
+    """The toy's window loses one thing, the memo x4: at the recall X the full cache is certain and the window spreads
+    over the ten digits (ln 10 nats), every other scored token agrees, so the window's KL over the 13 tokens after the
+    eviction before thought 8 (thoughts 9..21) is ln(10) / 13. 40 distillation steps under pte (~25 s on one core)
+    must close a good part of it: a KL that ignores the adapter, or an encoder that carries nothing, fails."""
+    import math
+
+    import toy
+    import train
+    from encoder import load_adapter
+    run = train.main(["--model", "toy", "--policy", "pte", "--objective", "distill", "--steps", "40", "--group", "1",
+                      "--prompts-per-step", "64", "--lr", "3e-3", "--seed", "0", "--eval-size", "0", "--threads", "1",
+                      "--out", str(tmp_path / "run")])
+    model, tokenizer, problems = M.load("toy"), M.load_tokenizer("toy"), toy.make_problems(128, toy.EVAL_SEED)
+    kl = {}
+    for policy, adapter in (("window", None), ("pte", load_adapter(run / "adapter", model.config))):
+        summary, _ = ev.evaluate(model, tokenizer, problems, CachePolicy(policy, toy.TOY_DEFAULTS["cache"]), adapter,
+                                 max_new=toy.TOY_DEFAULTS["max_new"], batch_size=128, progress=False, kl=True)
+        assert summary["kl_tokens"] == 128 * 13
+        kl[policy] = summary["kl"]
+    assert kl["window"] == pytest.approx(math.log(10) / 13, rel=0.05) and kl["pte"] < 0.8 * kl["window"], kl
