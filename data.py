@@ -1,7 +1,8 @@
 """The problems and the prompt: what train.py and eval.py both need to turn benchmark files into model prompts.
 
 read_problems reads one JSONL file in any usual field variant; resolve_data turns a data set name into a file, fetching
-a known one once from the Hugging Face hub; chat_family and format_prompt write each model's chat template by hand
+a known one once from the Hugging Face hub; load_problems also makes the GENERATED sets (the toy's); encode_prompts
+sets aside the prompts that leave too few thought slots under the cache budget; chat_family and format_prompt write each model's chat template by hand
 (no jinja2 at run time; tests/test_data.py proves them equal to the models' own jinja templates).
 Prompt (SPEC section 6, the Qwen2.5-Math CoT convention): the template around one user message
 `{problem}\\nPlease reason step by step, and put your final answer within \\boxed{}.` and no system message of our own
@@ -10,6 +11,7 @@ Departures: hub copies of the sets in ../shared/data come from other mirrors (KN
 aime_train from the hub (AIME 1983-2024) loses its 2024 rows, which are the aime24 eval set.
 """
 import csv
+import importlib
 import importlib.util
 import json
 import os
@@ -40,6 +42,8 @@ KNOWN = {  # name -> (Hugging Face dataset repo, its files that together make th
     "aime_train": ("di-zhang-fdu/AIME_1983_2024", ("AIME_Dataset_1983_2024.csv",)),
     "dapo-math-17k": ("BytedTsinghua-SIA/DAPO-Math-17k", ("data/dapo-math-17k.parquet",)),
 }
+GENERATED = {  # name -> (module, its function(seed) -> problems): data sets made in memory from the run's seed
+    "toy-train": ("toy", "training_problems"), "toy-eval": ("toy", "held_out_problems")}
 DAPO_WRAP = (  # DAPO wraps each problem in its own 'Answer:' instruction; we use the \boxed{} one instead
     "Solve the following math problem step by step. The last line of your response should be of the form "
     "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n",
@@ -92,12 +96,15 @@ def read_problems(path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no problem file at {path}")
     problems, ids = [], set()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 problem = to_problem(json.loads(line), f"{path.stem}/{n}")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             except ValueError as e:  # json.JSONDecodeError is a ValueError too
                 raise ValueError(f"{path}, line {n}: {e}") from None
             if problem["id"] in ids:  # eval keys its per-sample outputs by id
@@ -107,6 +114,40 @@ def read_problems(path) -> list[dict]:
     if not problems:
         raise ValueError(f"{path} holds no problems")
     return problems
+
+
+def load_problems(name_or_path, data_dir=None, seed=0) -> list[dict]:
+    """The problems of a data set: a GENERATED one made from `seed`, else read_problems(resolve_data(...))."""
+    if name_or_path in GENERATED:
+        module, function = GENERATED[name_or_path]
+        return getattr(importlib.import_module(module), function)(seed)
+    return read_problems(resolve_data(name_or_path, data_dir))
+
+
+def _encode(tokenizer, text, ident):
+    """One prompt's ids; an error names the problem and the words outside a word-level vocabulary (the toy's)."""
+    try:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+    except Exception as e:  # tokenizers raises a bare Exception
+        vocab, split = tokenizer.get_vocab(), tokenizer.pre_tokenizer
+        unknown = [w for w, _ in split.pre_tokenize_str(text) if w not in vocab] if split else []
+        words = f"word(s) {', '.join(map(repr, unknown))} outside the tokenizer's vocabulary" if unknown else "cannot encode it"
+        raise ValueError(f"problem {ident!r}: {words} ({e})") from None
+
+
+def encode_prompts(problems, tokenizer, family, budget=None):
+    """(the problems whose prompt fits, their prompt ids, how many were set aside). A row's thought window is what the
+    cache budget leaves after its own prompt (SPEC section 2); a prompt that leaves fewer than cache.MIN_THOUGHT_SLOTS
+    is set aside here, when the data is loaded, so that no step or batch can fail on it. budget None (the full
+    cache): every prompt fits."""
+    from cache import MIN_THOUGHT_SLOTS
+    texts = [format_prompt(p["problem"], family) for p in problems]
+    try:
+        ids = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    except Exception:  # find the culprit and name it
+        ids = [_encode(tokenizer, text, p["id"]) for text, p in zip(texts, problems)]
+    keep = [i for i, row in enumerate(ids) if budget is None or budget - len(row) >= MIN_THOUGHT_SLOTS]
+    return [problems[i] for i in keep], [ids[i] for i in keep], len(problems) - len(keep)
 
 
 def _read_rows(path: str) -> list[dict]:

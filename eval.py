@@ -8,14 +8,16 @@ Per benchmark and policy: avg@k (mean correctness of all k samples of every prob
 with at least one right sample: with n = k samples the unbiased estimator of Chen et al. is exactly this), mean
 completion length in tokens (EOS included), share stopped by --max-new, and evictions per sample (those that came
 before the sample's last token, i.e. that changed what it saw). results.json keeps every setting behind the
-numbers; samples.jsonl every completion with its grade.
---kl adds fidelity, for any model and adapter and without a grader: the mean per-token KL(full-cache base model ||
-policy) over each completion's tokens after its first eviction, on the policy's own completions (token_kl).
-Rows are batched longest prompt first (less left padding, and a budget too small fails at once); results come back
+numbers; samples.jsonl every completion with its grade. --kl adds fidelity, for any model and adapter and without a
+grader: the mean per-token KL(full-cache base model || policy) over each completion's tokens after its first
+eviction, on the policy's own completions (token_kl). A problem whose prompt leaves fewer than MIN_THOUGHT_SLOTS
+thought slots under the budget is skipped and counted (`skipped`). With --adapter, the policy, budget and evict share
+default to those it was trained with. Rows are batched longest prompt first (less left padding); results come back
 in problem order. Under sampling the draws depend on the batching: reruns match with the same --batch-size and --seed.
 """
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -28,7 +30,9 @@ import data
 import grade
 import model as models
 import rollout
+from cache import MIN_THOUGHT_SLOTS
 from encoder import load_adapter
+from train import device_name, number
 
 def summarize(records, samples, tokens_per_s):
     """Per-sample records in problem order (`samples` consecutive rows a problem) -> the summary dict; with `kl`
@@ -74,8 +78,8 @@ def token_kl(model, ro, policy, adapter=None):
 
 
 def row_evictions(ro, row):
-    """Thought indices before which `row` evicted: one list for all rows today (they decode in lockstep)."""
-    return ro.evictions
+    """Thought indices before which `row` evicted (each row has its own window and schedule)."""
+    return ro.evictions[row]
 
 
 def kl_start(ro, policy, row):
@@ -125,11 +129,11 @@ def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=No
 
 def table(results):
     """Markdown table of (bench, policy) summaries."""
-    head = ("| bench | policy | n | k | avg@k | pass@k | mean length | KL to full | truncated | evictions/sample "
+    head = ("| bench | policy | n | skipped | k | avg@k | pass@k | mean length | KL to full | truncated | evictions/sample "
             "| tokens/s |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in results:
-        lines.append(f"| {r['bench']} | {r['policy']} | {r['n']} | {r['samples']} | {100 * r['accuracy']:.1f} | "
+        lines.append(f"| {r['bench']} | {r['policy']} | {r['n']} | {r['skipped']} | {r['samples']} | {100 * r['accuracy']:.1f} | "
                      f"{100 * r['pass_at_k']:.1f} | {r['mean_length']:.0f} | "
                      f"{'-' if r.get('kl') is None else format(r['kl'], '.4f')} | {100 * r['truncated']:.0f}% | "
                      f"{r['evictions_per_sample']:.1f} | {r['tokens_per_s']:.1f} |")
@@ -143,69 +147,93 @@ def parser():
     p.add_argument("--bench", required=True, help="comma-separated names (math500,aime24,...) or .jsonl paths")
     p.add_argument("--data-dir", help="where {name}.jsonl live (default: $PTE_DATA, else data/)")
     p.add_argument("--policy", help="comma-separated full|window|pte (default: the adapter's, else full)")
-    p.add_argument("--cache", type=int, default=1024, help="cache budget in tokens: prompt + thought slots")
-    p.add_argument("--evict", type=float, default=0.25, help="share of the thought window evicted at a time")
-    p.add_argument("--max-new", type=int, default=3072)
-    p.add_argument("--samples", type=int, default=1, help="k completions a problem")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=8, help="rows a forward")
-    p.add_argument("--limit", type=int, help="the first N problems of each benchmark")
+    p.add_argument("--cache", type=number(int, 1), help="cache budget in tokens: prompt + thought slots (default: the "
+                   f"adapter's, else 1024); a prompt that leaves fewer than {MIN_THOUGHT_SLOTS} thought slots is skipped and counted")
+    p.add_argument("--evict", type=number(float, 0, 1, above=True),
+                   help="share of the thought window evicted at a time (default: the adapter's, else 0.25)")
+    p.add_argument("--max-new", type=number(int, 1), default=3072)
+    p.add_argument("--samples", type=number(int, 1), default=1, help="k completions a problem")
+    p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=number(float, 0, 1, above=True), default=1.0)
+    p.add_argument("--batch-size", type=number(int, 1), default=8, help="rows a forward")
+    p.add_argument("--limit", type=number(int, 1), help="the first N problems of each benchmark")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kl", action="store_true", help="also the mean per-token KL(full-cache base model || policy) after "
                    "each completion's first eviction (under full: where a window of --cache would first evict)")
-    p.add_argument("--out", help="default: runs/eval-<timestamp>")
+    p.add_argument("--out", help="a new or empty folder (default: runs/eval-<timestamp>)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--device", default="auto", help="auto: cuda when available")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=number(int, 1), help="torch.set_num_threads (default: torch's)")
     return p
 
 
-def adapter_policy(folder):
-    """The policy train.py recorded next to the adapter."""
+def adapter_meta(folder):
+    """What train.py recorded next to the adapter (adapter.json): its policy, and the settings it was trained with."""
     path = Path(folder) / "adapter.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no adapter.json (written by train.py)")
-    meta = json.loads(path.read_text())
-    if "policy" not in meta:
-        raise ValueError(f"{folder}/adapter.json records no policy: pass --policy")
-    return meta["policy"]
+    return json.loads(path.read_text())
+
+
+def with_adapter_defaults(args):
+    """--policy, --cache and --evict left unset take the adapter's (as it was trained), else full, 1024 and 0.25.
+    Warns when the adapter was trained on another model than --model."""
+    meta = adapter_meta(args.adapter) if args.adapter else {}
+    trained = meta.get("settings") or {}
+    if args.adapter and not args.policy and "policy" not in meta:
+        raise ValueError(f"{args.adapter}/adapter.json records no policy: pass --policy")
+    args.policy = args.policy or meta.get("policy", "full")
+    args.cache = args.cache or trained.get("cache", 1024)
+    args.evict = args.evict or trained.get("evict", 0.25)
+    model = trained.get("model")
+    if model is not None and str(model) != args.model and not (Path(str(model)).is_dir() and Path(args.model).is_dir()
+                                                                and Path(str(model)).resolve() == Path(args.model).resolve()):
+        print(f"WARNING: the adapter {args.adapter} was trained on --model {model}, not {args.model}", file=sys.stderr)
+    return args
 
 
 def run(args, argv):
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = (args.policy or (adapter_policy(args.adapter) if args.adapter else "full")).split(",")
+    out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    if any((out / name).exists() for name in ("results.json", "samples.jsonl")):
+        raise ValueError(f"--out {out} holds an evaluation already (results.json or samples.jsonl): name another --out")
+    args = with_adapter_defaults(args)
+    names = args.policy.split(",")
     policies = [rollout.CachePolicy(name, args.cache, args.evict) for name in names]  # rejects unknown names
-    if args.samples < 1:
-        raise ValueError(f"--samples must be at least 1, got {args.samples}")
-    benches = {name: data.read_problems(data.resolve_data(name, args.data_dir))[:args.limit]
-               for name in args.bench.split(",")}
+    benches = {name: data.load_problems(name, args.data_dir)[:args.limit] for name in args.bench.split(",")}
+    tokenizer, family = models.load_tokenizer(args.model), data.chat_family(models.resolve(args.model))
+    budget = None if set(names) == {"full"} else args.cache  # every policy sees the same problems
+    skipped = {}
+    for name, problems in benches.items():
+        benches[name], _, skipped[name] = data.encode_prompts(problems, tokenizer, family, budget)
+        if not benches[name]:
+            raise ValueError(f"{name}: every prompt leaves fewer than {MIN_THOUGHT_SLOTS} thought slots at --cache {args.cache}")
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     net = models.load(args.model, None if args.dtype == "auto" else getattr(torch, args.dtype), device)
-    tokenizer, family = models.load_tokenizer(args.model), data.chat_family(models.resolve(args.model))
     adapter = load_adapter(args.adapter, net.config, device) if args.adapter else None
     if "pte" in names and (adapter is None or not adapter.encodes):
         raise ValueError("--policy pte needs --adapter with a thought encoder (adapter mode pte, global-0 or global-only)"
                          f", got {'no adapter' if adapter is None else 'mode ' + adapter.cfg.mode}")
-    out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "eval.py", *argv])
     results = dict(command=command, args=vars(args), model_dir=str(models.resolve(args.model)), chat_family=family,
                    adapter_mode=adapter.cfg.mode if adapter else None, grader_version=grade.GRADER_VERSION,
                    torch=torch.__version__, device=str(device), dtype=str(net.embed_tokens.weight.dtype), results=[])
     start = time.perf_counter()
-    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+    with open(out / "samples.jsonl.part", "w", encoding="utf-8") as f:  # renamed with results.json, at the end
         for bench, problems in benches.items():
             for policy in policies:
                 summary, records = evaluate(net, tokenizer, problems, policy, adapter, family, args.max_new, args.samples,
                                             args.temperature, args.top_p, args.batch_size, args.seed, kl=args.kl)
                 results["results"].append(dict(bench=bench, policy=policy.policy, budget=policy.budget,
-                                               evict=policy.evict, **summary))
+                                               evict=policy.evict, skipped=skipped[bench], **summary))
                 f.writelines(json.dumps(dict(bench=bench, policy=policy.policy, **r), ensure_ascii=False) + "\n"
                              for r in records)
     results["wall_s"] = time.perf_counter() - start
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.json.part").write_text(json.dumps(results, indent=1))
+    os.replace(out / "samples.jsonl.part", out / "samples.jsonl")
+    os.replace(out / "results.json.part", out / "results.json")
     print(f"$ {command}\n\n{table(results['results'])}\n\nwall {results['wall_s']:.1f} s; results in {out}/")
     return results
 

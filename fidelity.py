@@ -99,12 +99,11 @@ def distill(net, rollouts, name, policy, args, out):
         optimizer = torch.optim.AdamW(trainable(adapter), lr=args.lr, weight_decay=0.0)
         optimizer.load_state_dict(state)
         seconds = json.loads((run / "time.json").read_text())["seconds"]
-        log = run / "metrics.jsonl"  # the steps after the checkpoint run again
-        log.write_text("".join(line for line in log.read_text().splitlines(True) if json.loads(line)["step"] <= start))
-    objective = train.Objective(net, adapter, targs, policy)
+        train.trim_log(run / "metrics.jsonl", start)  # the steps after the checkpoint run again
+    objective = train.Objective(net, adapter, targs, policy, None)  # no reference policy: distillation has none
     for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"distill {name}"):
         t0, ro = time.perf_counter(), rollouts[step % len(rollouts)]
-        stats = train.update(objective, optimizer, ro, torch.zeros(args.rows), None, targs, 1)
+        stats = train.update(objective, optimizer, ro, torch.zeros(args.rows), targs, 1)
         seconds += time.perf_counter() - t0
         with open(run / "metrics.jsonl", "a") as f:
             f.write(json.dumps(dict(step=step + 1, kl=stats["kl"], grad_norm=stats["grad_norm"])) + "\n")

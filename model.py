@@ -9,8 +9,9 @@ has one, tied or untied `lm_head`. Two hooks make it the base of everything else
   thought encoder's state S, one (B, r, r) matrix per layer, or None for plain LoRA.
 `load()` reads Hugging Face folders (one safetensors file or shards) by path or by registry name, and fails
 with a message that names the problem. Departure from `transformers`: none intended; tests prove parity.
-Speed on the CPU: decoding (fp32, no grad) may run the linears through oneDNN's blocked copy of the weights
-(`packed_weights`) and one-query attention through two plain matmuls (`attend_one`).
+Speed: decoding attends with one query per row through two plain matmuls (`attend_one`, no copy of the cache per
+query head), and on the CPU (fp32, no grad) may run the linears through oneDNN's blocked copy of the weights
+(`packed_weights`). Masked attention over several queries expands the KV heads on cuda (`attend_masked`).
 """
 import json
 import math
@@ -48,11 +49,34 @@ class ModelConfig:
 
 
 SUPPORTED = ("qwen2", "llama")
+COUNT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "intermediate_size")
+SCALE_KEYS = ("rms_norm_eps", "rope_theta")
+
+
+def eos_ids(value, where) -> tuple:
+    """eos_token_id of a config (an id, a list of ids or none) as a tuple."""
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{where}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return tuple(ids)
 
 
 def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
     """Translate a Hugging Face config.json (old `rope_theta` or new `rope_parameters` form) and refuse what we do not implement."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(hf).__name__}")
     kind = hf.get("model_type")
+    for keys, kinds, what in ((COUNT_KEYS, int, "a positive integer"), (SCALE_KEYS, (int, float), "a positive number")):
+        for key in keys:
+            value = hf.get(key)
+            if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) or not value > 0):
+                raise ValueError(f"{where}: {key} must be {what}, got {value!r}")
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise ValueError(f"{where}: {key} must be an object, got {hf[key]!r}")
+    if not isinstance(hf.get("tie_word_embeddings", False), bool):
+        raise ValueError(f"{where}: tie_word_embeddings must be true or false, got {hf['tie_word_embeddings']!r}")
     if kind not in SUPPORTED:
         raise ValueError(f"{where}: model_type {kind!r} is not supported; supported: {', '.join(SUPPORTED)} (Qwen2/Qwen2.5, Llama/Llama-3)")
     if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias") or hf.get("use_sliding_window"):
@@ -63,7 +87,6 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
         raise ValueError(f"{where}: rope scaling {scaling.get('rope_type')!r} is not supported (only llama3)")
     try:
         heads = hf["num_attention_heads"]
-        eos = hf.get("eos_token_id")
         return ModelConfig(
             vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
             n_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
@@ -71,16 +94,21 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
             qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias")), o_bias=kind == "llama" and bool(hf.get("attention_bias")),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            eos_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []))
+            eos_ids=eos_ids(hf.get("eos_token_id"), where))
     except KeyError as e:
         raise ValueError(f"{where}: missing key {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- layers
 
+def wide(x):
+    """x in fp32 at least: bf16/fp16 statistics in fp32, as transformers computes them; fp64 stays (gradient checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def rms_norm(x, weight, eps):
     # statistics in fp32, cast back before the weight, exactly as transformers does
-    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+    return weight * F.rms_norm(wide(x), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -141,7 +169,19 @@ def attend_one(q, k, v, mask):
     B, H, _, D = q.shape
     q = q.reshape(B, k.shape[1], H // k.shape[1], D) * D ** -0.5  # (B, Hkv, G, D)
     scores = (k @ q.transpose(-1, -2)).transpose(-1, -2) + mask  # (B, Hkv, G, S)
-    return (torch.softmax(scores, -1) @ v).view(B, H, 1, D)
+    return (torch.softmax(wide(scores), -1).to(v.dtype) @ v).view(B, H, 1, D)  # at least fp32, like SDPA's
+
+
+def attend_masked(q, k, v, mask, expand=None):
+    """SDPA of q (B, H, T, D) over k, v (B, Hkv, S, D) under an additive mask (B, 1, T, S). PyTorch's fused kernels
+    do not take GQA together with an explicit mask: given enable_gqa they fall back to the math kernel, which
+    copies K and V once per query head anyway and materialises the scores in fp32. On cuda the KV heads are
+    therefore expanded here, one copy, and the memory-efficient kernel runs (bench.py --gpu prints which ran)."""
+    if not (q.device.type == "cuda" if expand is None else expand) or k.shape[1] == q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    B, Hkv, S, D = k.shape
+    k, v = (x[:, :, None].expand(B, Hkv, q.shape[1] // Hkv, S, D).reshape(B, q.shape[1], S, D) for x in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class Block(nn.Module):
@@ -178,8 +218,7 @@ class Block(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, D)
         else:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D): everything this chunk may see, itself included
-            o = (attend_one(q, k, v, cache.mask) if T == 1 and x.device.type == "cpu"
-                 else F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=True))  # (B, H, T, D)
+            o = attend_one(q, k, v, cache.mask) if T == 1 else attend_masked(q, k, v, cache.mask)  # (B, H, T, D)
         x = x + self.linear(attn, "o", o.transpose(1, 2).reshape(B, T, -1), adapter, core)
         h = rms_norm(x, self.post_attention_layernorm.weight, cfg.rms_eps)
         gate_up = F.silu(self.linear(mlp, "gate", h, adapter, core)) * self.linear(mlp, "up", h, adapter, core)  # (B, T, F)
@@ -283,9 +322,10 @@ def read_config(folder: Path) -> ModelConfig:
     cfg = config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
     gen = folder / "generation_config.json"
     if gen.exists():  # instruct models stop on more ids than config.json names (Qwen2.5: <|im_end|> and <|endoftext|>)
-        eos = _read_json(gen).get("eos_token_id")
-        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-        cfg.eos_ids = tuple(dict.fromkeys((*cfg.eos_ids, *eos)))
+        generation = _read_json(gen)
+        if not isinstance(generation, dict):
+            raise ValueError(f"{gen}: expected a JSON object, got {type(generation).__name__}")
+        cfg.eos_ids = tuple(dict.fromkeys((*cfg.eos_ids, *eos_ids(generation.get("eos_token_id"), str(gen)))))
     return cfg
 
 
@@ -343,7 +383,11 @@ def load(name_or_path, dtype=None, device="cpu", random_weights=False) -> Transf
     for what, names in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong)):
         if names:
             raise ValueError(f"{folder}: {len(names)} tensor(s) {what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=False, assign=True)
+    tensors = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    broken = [k for k, v in tensors.items() if not torch.isfinite(v).all()]  # else generation is silently garbage
+    if broken:
+        raise ValueError(f"{folder}: {len(broken)} tensor(s) hold NaN or infinite values: {', '.join(broken[:5])}")
+    model.load_state_dict(tensors, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).to(device)

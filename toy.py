@@ -47,15 +47,14 @@ DIGIT, MEMO = ID["0"], ID["m0"]  # digit d is token DIGIT + d, its memo MEMO + d
 PROMPT_LEN, TRACE_LEN = N_OPS + 3, N_OPS + 6  # 19, 22
 EVAL_SEED, VALID_SEED = 1_000_003, 1_000_004  # held-out test and validation problems; training draws from --seed
 
-# what train.py uses for `--model toy` (these made the README's table). Measured (256 held-out problems, 1 thread):
-# PTE-GRPO with the paper-like adapter (alpha / r = 1, targets q,k,v,o, lr 1e-3, beta 0.02) stayed at chance. Adam
-# moves every parameter by about lr a step: B (zero at init) then grew far too slowly to read a memo that is ~10% of
-# S's fixed norm, and q/k updates broke the chain within 10-30 steps. Here B's step is alpha / r * lr = 8e-3, only
-# the output projections are adapted, and beta is 0.05.
-TOY_DEFAULTS = dict(cache=PROMPT_LEN + 8, evict=0.25, rank=16, alpha=128.0, globals=8, targets="o", lr=1e-3, beta=0.05,
-                    group=8, prompts_per_step=32, max_new=TRACE_LEN + 2, steps=300, temperature=1.0,
-                    micro_batch=256, eval_size=256, eval_every=0, save_every=100,  # one backward pass a step
-                    threads=1)  # tiny matrices: more threads only add synchronisation (7x slower on a busy machine)
+# train.py's defaults for this model folder (train.py reads train_defaults.json in any model folder that has one;
+# these made the README's table). Measured (256 held-out problems, 1 thread): PTE-GRPO with the paper-like adapter
+# (alpha / r = 1, targets q,k,v,o, lr 1e-3, beta 0.02) stayed at chance. Adam moves every parameter by about lr a
+# step: B (zero at init) then grew far too slowly to read a memo that is ~10% of S's fixed norm, and q/k updates
+# broke the chain within 10-30 steps. Here B's step is alpha / r * lr = 8e-3, only the output projections are
+# adapted, and beta is 0.05. micro_batch 256: one backward pass a step; threads 1: tiny matrices, more threads only
+# add synchronisation (7x slower on a busy machine). Its data sets are generated (data.GENERATED): toy-train, toy-eval.
+TOY_DEFAULTS = json.loads((TOY_DIR / "train_defaults.json").read_text())
 
 
 def draw_digits(n, generator):
@@ -81,6 +80,18 @@ def make_problems(n, seed):
     prompt, trace = encode(draw_digits(n, torch.Generator().manual_seed(seed)))
     return [dict(id=f"toy-{seed}-{i}", problem=" ".join(VOCAB[t] for t in p), answer=VOCAB[t[-3]])
             for i, (p, t) in enumerate(zip(prompt.tolist(), trace.tolist()))]
+
+
+def training_problems(seed):
+    """The data set toy-train (data.GENERATED): 20,000 problems drawn from the run's seed, a pool that does not
+    depend on --steps."""
+    return make_problems(20_000, seed)
+
+
+def held_out_problems(seed=None):
+    """The data set toy-eval: 4,096 problems from EVAL_SEED whatever the run's seed; the first n of them are
+    make_problems(n, EVAL_SEED)."""
+    return make_problems(4096, EVAL_SEED)
 
 
 def hf_config():

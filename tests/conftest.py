@@ -1,6 +1,7 @@
-"""Shared fixtures: tiny random checkpoints saved by transformers, the real SmolLM2 folder, the shared data."""
+"""Shared fixtures: tiny random checkpoints saved by transformers; the real SmolLM2 folder, the Qwen2.5 tokenizer and the
+benchmark data, found through environment variables (PTE_SMOLLM2, PTE_QWEN_TOKENIZER, PTE_DATA) or the Hugging Face
+cache and skipped with the way to get them where absent (.ci/run points the variables at ../shared)."""
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)  # tiny models: threads only add synchronisation, and CI machines may be shared
 
@@ -36,16 +36,56 @@ def tiny_qwen(tmp_path_factory):
     return folder, hf
 
 
+def hub_snapshot(repo_glob, *files):
+    """The newest folder of the local Hugging Face cache (HF_HUB_CACHE, else $HF_HOME/hub) that holds `files`
+    among the snapshots of the repos matching `repo_glob` (e.g. Qwen/Qwen2.5-*-Instruct); None when there is none.
+    Never downloads: tests do not touch the network."""
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub")
+    found = [s for s in hub.glob(f"models--{repo_glob.replace('/', '--')}/snapshots/*") if all((s / f).is_file() for f in files)]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def folder_from(variable, repo_glob, files, how):
+    """$variable if set (it must hold `files`), else the Hugging Face cache; else skip, saying how to get it."""
+    if os.environ.get(variable):
+        folder = Path(os.environ[variable]).expanduser()
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            pytest.fail(f"${variable}={folder} lacks {', '.join(missing)}")
+        return folder
+    folder = hub_snapshot(repo_glob, *files)
+    if folder is None:
+        pytest.skip(f"{repo_glob} not in the Hugging Face cache: {how}, or set {variable} to a folder holding "
+                    f"{', '.join(files)} (the README's Tests section)")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real SmolLM2-135M-Instruct folder, built once by ../shared/tools/smollm2.sh; skipped where it cannot be built."""
-    script = SHARED / "tools" / "smollm2.sh"
-    if not script.exists():
-        pytest.skip(f"{script} not found: cannot build the real SmolLM2")
-    done = subprocess.run(["bash", str(script)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"could not build SmolLM2 with {script}: {done.stderr[-500:]}")
-    return Path(done.stdout.strip().splitlines()[-1])
+    """The real SmolLM2-135M-Instruct: $PTE_SMOLLM2, else the Hugging Face cache; skipped where absent."""
+    return folder_from("PTE_SMOLLM2", "HuggingFaceTB/SmolLM2-135M-Instruct", ("config.json", "model.safetensors", "tokenizer.json"),
+                       "pip install huggingface_hub && huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir():
+    """A folder with the Qwen2.5 tokenizer.json and tokenizer_config.json (chat template): $PTE_QWEN_TOKENIZER, else
+    any Qwen2.5 Instruct model in the Hugging Face cache; skipped where absent."""
+    return folder_from("PTE_QWEN_TOKENIZER", "Qwen/Qwen2.5-*-Instruct", ("tokenizer.json", "tokenizer_config.json"),
+                       "pip install huggingface_hub && huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct "
+                       "tokenizer.json tokenizer_config.json")
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    """The folder of the benchmark JSONL files (math500.jsonl, math_train.jsonl, ...): $PTE_DATA; skipped where unset."""
+    if not os.environ.get("PTE_DATA"):
+        pytest.skip("benchmark data: set PTE_DATA to a folder of math500.jsonl, olympiadbench.jsonl, math_train.jsonl, ... "
+                    "(one {\"problem\", \"answer\"} object a line; data.py's KNOWN lists the Hugging Face sources)")
+    folder = Path(os.environ["PTE_DATA"]).expanduser()
+    if not folder.is_dir():
+        pytest.fail(f"$PTE_DATA={folder} is not a folder")
+    return folder
 
 
 @pytest.fixture(scope="module")

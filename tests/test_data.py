@@ -13,9 +13,6 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 from data import DAPO_WRAP, KNOWN, chat_family, format_prompt, read_problems, resolve_data  # noqa: E402
 
-QWEN_DIR = Path("/work/shared/models/qwen2.5")
-SMOL_DIR = Path("/root/.cache/smollm2-135m-instruct")
-SHARED_DATA = ROOT.parent / "shared" / "data"
 SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 # chat_template of huggingface.co/deepseek-ai/DeepSeek-R1-Distill-Llama-8B tokenizer_config.json (the Feb 2025
@@ -75,13 +72,11 @@ def render(template, content, **special):
                                             add_generation_prompt=True, **special)
 
 
-def real_template(family):
+def real_template(family, request):
+    """The family's own jinja template and special tokens (the folders from conftest's fixtures)."""
     if family == "r1":
         return R1_TEMPLATE, R1_SPECIAL
-    folder = {"qwen2.5": QWEN_DIR, "chatml": SMOL_DIR}[family]
-    if not folder.is_dir():
-        pytest.skip(f"{folder} absent")
-    cfg = config(folder)
+    cfg = config(request.getfixturevalue({"qwen2.5": "qwen_tokenizer_dir", "chatml": "smollm2"}[family]))
     return cfg["chat_template"], {"bos_token": cfg.get("bos_token"), "eos_token": cfg.get("eos_token")}
 
 
@@ -115,17 +110,15 @@ def write_lines(path, lines):
 
 @pytest.mark.parametrize("family", ["qwen2.5", "chatml", "r1"])
 @pytest.mark.parametrize("problem", PROBLEMS)
-def test_prompt_equals_the_models_own_template(family, problem):
-    template, special = real_template(family)
+def test_prompt_equals_the_models_own_template(family, problem, request):
+    template, special = real_template(family, request)
     assert format_prompt(problem, family) == render(template, problem + SUFFIX, **special)
 
 
 @pytest.mark.parametrize("family", ["qwen2.5", "chatml", "r1"])
-def test_prompt_equals_template_on_real_problems(family):
-    if not (SHARED_DATA / "math500.jsonl").is_file():
-        pytest.skip("../shared/data absent")
-    template, special = real_template(family)
-    for p in read_problems(SHARED_DATA / "math500.jsonl")[:20]:
+def test_prompt_equals_template_on_real_problems(family, request, data_dir):
+    template, special = real_template(family, request)
+    for p in read_problems(data_dir / "math500.jsonl")[:20]:
         assert format_prompt(p["problem"], family) == render(template, p["problem"] + SUFFIX, **special)
 
 
@@ -144,11 +137,9 @@ def test_unknown_family_is_refused():
         format_prompt("x", "llama3")
 
 
-def test_qwen_tokenizer_ids():
+def test_qwen_tokenizer_ids(qwen_tokenizer_dir):
     tokenizers = pytest.importorskip("tokenizers")
-    if not (QWEN_DIR / "tokenizer.json").is_file():
-        pytest.skip("Qwen2.5 tokenizer absent")
-    tok = tokenizers.Tokenizer.from_file(str(QWEN_DIR / "tokenizer.json"))
+    tok = tokenizers.Tokenizer.from_file(str(qwen_tokenizer_dir / "tokenizer.json"))
     assert tok.encode("Hello world", add_special_tokens=False).ids == [9707, 1879]
     ids = tok.encode(format_prompt("What is $1+1$?", "qwen2.5"), add_special_tokens=False).ids
     tail = tok.encode("<|im_start|>assistant\n", add_special_tokens=False).ids
@@ -159,11 +150,9 @@ def test_qwen_tokenizer_ids():
 
 # --- chat_family --------------------------------------------------------------------------------------------------
 
-def test_chat_family_real_folders():
-    if not QWEN_DIR.is_dir() or not SMOL_DIR.is_dir():
-        pytest.skip("model folders absent")
-    assert chat_family(QWEN_DIR) == "qwen2.5"
-    assert chat_family(SMOL_DIR) == "chatml"
+def test_chat_family_real_folders(qwen_tokenizer_dir, smollm2):
+    assert chat_family(qwen_tokenizer_dir) == "qwen2.5"
+    assert chat_family(smollm2) == "chatml"
 
 
 def test_chat_family_from_config_and_jinja_file(tmp_path):
@@ -198,8 +187,8 @@ COUNTS = {"math500": 500, "aime24": 30, "amc23": 40, "minerva": 272, "olympiadbe
 
 
 @pytest.mark.parametrize("name", COUNTS)
-def test_real_files(name):
-    path = SHARED_DATA / f"{name}.jsonl"
+def test_real_files(name, data_dir):
+    path = data_dir / f"{name}.jsonl"
     if not path.is_file():
         pytest.skip(f"{path} absent")
     problems = read_problems(path)

@@ -1,13 +1,11 @@
 import json
 import random
 import time
-from pathlib import Path
 
 import pytest
 
 from grade import GRADER_VERSION, _normalize, extract_answer, is_equiv, score
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 BENCHMARKS = ["math500", "minerva", "olympiadbench", "amc23", "aime24", "gsm8k"]
 
 
@@ -261,17 +259,17 @@ def test_is_equiv_rejects_non_strings_and_empty():
     assert GRADER_VERSION == "1"
 
 
-def _rows(name):
-    path = DATA / f"{name}.jsonl"
+def _rows(data_dir, name):
+    path = data_dir / f"{name}.jsonl"
     if not path.exists():
         pytest.skip(f"{path} not present")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
-def test_real_gold_boxed_scores_one(name):
+def test_real_gold_boxed_scores_one(name, data_dir):
     start = time.perf_counter()
-    for row in _rows(name):
+    for row in _rows(data_dir, name):
         for answer in row.get("answers", [row["answer"]]):
             assert score("... \\boxed{" + answer + "}", answer) == 1.0, answer
         assert score("... \\boxed{" + row["answer"] + "}", row.get("answers", row["answer"])) == 1.0
@@ -279,8 +277,8 @@ def test_real_gold_boxed_scores_one(name):
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
-def test_real_gold_false_positive_rate(name):
-    rows = _rows(name)
+def test_real_gold_false_positive_rate(name, data_dir):
+    rows = _rows(data_dir, name)
     answers = [r["answer"] for r in rows]
     wrong, tried = 0, 0
     for i, row in enumerate(rows):  # box the next row whose answer differs as text

@@ -1,16 +1,21 @@
-"""train.py end to end on the toy: a short run, exact resume, the DDP update, bad input."""
+"""train.py end to end on the toy: a short run, exact resume, what resume and --out refuse, logs and checkpoints that
+survive kills and damage, Ctrl-C and SIGTERM, flags checked before the model loads, bad input, the DDP update."""
 import json
 import mmap
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import toy
 import train
 from conftest import ROOT
 
@@ -38,38 +43,230 @@ def test_short_run_learns_something_and_logs(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    """4 steps in one go and 2 + resume + 2 give identical adapter weights."""
+    """4 steps in one go and 2 + `--resume DIR --steps 4` give identical adapter weights: the resumed run takes its
+    settings from settings.json (not the defaults), and the one safe change is recorded there."""
     common = FAST[:FAST.index("--steps")] + FAST[FAST.index("--steps") + 2:] + ["--save-every", "2"]
     one = train.main(common + ["--steps", "4", "--out", str(tmp_path / "one")])
     two = train.main(common + ["--steps", "2", "--out", str(tmp_path / "two")])
-    train.main(common + ["--steps", "4", "--resume", str(two)])
+    train.main(["--resume", str(two), "--steps", "4"])
     steps = [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # nothing logged twice
     a, b = weights(one), weights(two)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if k.startswith("B."))
+    settings = json.loads((two / "settings.json").read_text())
+    assert (settings["prompts_per_step"], settings["group"], settings["objective"], settings["steps"]) == (4, 4, "distill", 4)
+    assert settings["resumed"] == [dict(changed=dict(steps=[2, 4]), at_step=2)]
 
 
-def test_resume_refuses_another_adapter_shape(tmp_path):
+def refused(capsys, argv):
+    """train.main's argparse error (exit 2) as text."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_resume_refuses_flags_that_change_the_run(tmp_path, capsys):
     run = train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "run")])
+    before = (run / "settings.json").read_text()
+    message = refused(capsys, ["--resume", str(run), "--lr", "0.5", "--cache", "30", "--alpha", "2", "--seed", "1",
+                               "--evict", "0.5", "--beta", "0.1", "--rank", "8", "--steps", "3"])
+    for difference in ("--lr 0.5 (the run has 0.001)", "--cache 30 (the run has 27)", "--alpha 2.0 (the run has 128.0)",
+                       "--seed 1 (the run has 0)", "--evict 0.5 (the run has 0.25)", "--beta 0.1 (the run has 0.05)",
+                       "--rank 8 (the run has 16)"):
+        assert difference in message
+    assert "--steps" not in message.split("would change the run:")[1].split(". Drop")[0]  # a safe change is no difference
+    assert "the run continues in its own folder" in refused(capsys, ["--resume", str(run), "--out", str(tmp_path / "x")])
+    assert "no settings.json" in refused(capsys, ["--resume", str(tmp_path)])
+    assert (run / "settings.json").read_text() == before and (run / "latest").read_text() == "step-000001"
+
+
+def test_resume_refuses_a_checkpoint_of_another_adapter_shape(tmp_path):
+    run = train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "run")])
+    settings = json.loads((run / "settings.json").read_text())
+    (run / "settings.json").write_text(json.dumps(dict(settings, rank=8)))  # settings.json and checkpoint disagree
     with pytest.raises(ValueError, match="rank: checkpoint 16, now 8"):
-        train.main(FAST + ["--rank", "8", "--resume", str(run)])
+        train.main(["--resume", str(run), "--steps", "2"])
+    (run / "latest").unlink()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train.main(FAST + ["--resume", str(tmp_path)])
+        train.main(["--resume", str(run), "--steps", "2"])
 
 
-def test_bad_input_is_refused(tmp_path):
-    with pytest.raises(SystemExit):
-        train.parse_args(["--model", "toy", "--group", "1"])
-    with pytest.raises(ValueError, match="unknown model"):
-        train.main(["--model", "no-such-model", "--out", str(tmp_path / "x")])
+def test_out_never_overwrites_a_run(tmp_path, capsys):
+    run = train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "run")])
+    metrics = (run / "metrics.jsonl").read_bytes()
+    message = refused(capsys, FAST + ["--out", str(run)])
+    assert f"holds a run already: continue it with --resume {run}, or name another --out" in message
+    assert (run / "metrics.jsonl").read_bytes() == metrics and (run / "latest").read_text() == "step-000001"
+    (tmp_path / "empty").mkdir()
+    assert train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "empty")]) == tmp_path / "empty"  # an empty folder is fine
+
+
+def test_logs_survive_a_kill_and_a_torn_line(tmp_path, capsys):
+    """Killed after step 3 was logged but before its checkpoint, with the last metrics line torn: resume warns, drops
+    the torn line, and logs steps 1-3 once each in metrics.jsonl and samples.jsonl."""
+    run = train.main(FAST + ["--steps", "3", "--save-every", "2", "--log-samples-every", "1", "--out", str(tmp_path / "run")])
+    (run / "latest").write_text("step-000002")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "rew')
+    capsys.readouterr()
+    train.main(["--resume", str(run)])
+    assert "metrics.jsonl: dropped its torn last line (16 characters)" in capsys.readouterr().err
+    metrics = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    samples = [json.loads(line)["step"] for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert metrics == [1, 2, 3] and samples == [1] * 4 + [2] * 4 + [3] * 4
+    # a broken line that is not the last is damage, not a kill: named, not dropped
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl, line 2"):
+        train.trim_log(run / "metrics.jsonl", 2)
+
+
+def test_log_rewrite_is_atomic(tmp_path, monkeypatch):
+    """A kill while metrics.jsonl is rewritten (here: the write truncates, then fails) leaves the old file whole."""
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n')
+
+    def killed(self, *args, **kwargs):
+        open(self, "w").close()
+        raise OSError("killed mid-write")
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(OSError, match="killed"):
+        train.trim_log(log, 1)
+    assert log.read_bytes() == b'{"step": 1}\n{"step": 2}\n'
+
+
+@pytest.mark.parametrize("when, kept", [("before", 1), ("after", 2)])
+def test_ctrl_c_keeps_every_completed_step(tmp_path, monkeypatch, capsys, when, kept):
+    """SIGINT during step 2: before its optimizer step the step is dropped at once; once the update has begun, the step
+    finishes and is logged. Either way the checkpoint holds the last completed step, exit 130, the resume command."""
+    real_update = train.update
+
+    def update(objective, optimizer, *args):
+        if optimizer.state and when == "before":  # step 2: the optimizer has state from step 1
+            os.kill(os.getpid(), signal.SIGINT)
+        stats = real_update(objective, optimizer, *args)
+        if when == "after" and next(iter(optimizer.state.values()))["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return stats
+    monkeypatch.setattr(train, "update", update)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(FAST + ["--steps", "5", "--save-every", "10", "--out", str(run)])
+    assert e.value.code == 130
+    assert (run / "latest").read_text() == f"step-{kept:06d}"
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, kept + 1))
+    err = capsys.readouterr().err
+    assert f"SIGINT: stopped; the checkpoint of step {kept} is in" in err and f"python train.py --resume {run}\n" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+    monkeypatch.setattr(train, "update", real_update)
+    train.main(["--resume", str(run), "--steps", str(kept + 1)])
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, kept + 2))
+
+
+def test_sigterm_stops_a_process_cleanly(tmp_path):
+    """A real process: SIGTERM after the first logged step exits 143 without a traceback and prints the command
+    that continues the run from a checkpoint of its last completed step."""
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "train.py", *FAST, "--steps", "1000", "--save-every", "500", "--out", str(run)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in err, err[-2000:]
+    done = len((run / "metrics.jsonl").read_text().splitlines())
+    assert (run / "latest").read_text() == f"step-{done:06d}"
+    assert f"the checkpoint of step {done} is in {run / f'step-{done:06d}'}. Continue with:\n  python train.py --resume {run}\n" in err
+
+
+def test_a_damaged_checkpoint_is_named_and_the_one_before_used(tmp_path, capsys):
+    run = train.main(FAST + ["--steps", "2", "--save-every", "1", "--out", str(tmp_path / "run")])
+    state = run / "step-000002" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # truncated
+    capsys.readouterr()
+    train.main(["--resume", str(run), "--steps", "3"])
+    err = capsys.readouterr().err
+    assert f"{state} is unreadable, truncated or corrupt" in err and "Resuming from step-000001" in err
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    (run / "latest").write_text("step-000009")  # names a step that is not there
+    train.main(["--resume", str(run), "--steps", "4"])
+    assert f"{run / 'step-000009'} is missing" in capsys.readouterr().err
+    for step in (3, 4):  # keep=2: both checkpoints damaged
+        adapter = run / f"step-{step:06d}" / "adapter.safetensors"
+        adapter.write_bytes(adapter.read_bytes()[:50])
+    with pytest.raises(ValueError, match=r"no intact checkpoint: .*step-000004/adapter.safetensors is unreadable, truncated"):
+        train.main(["--resume", str(run), "--steps", "5"])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--grad-clip", "-1", "must be > 0"), ("--grad-clip", "0", "must be > 0"), ("--temperature", "-0.5", "must be >= 0"),
+    ("--steps", "-2", "must be >= 1"), ("--alpha", "0", "must be > 0"), ("--save-every", "-1", "must be >= 1"),
+    ("--save-every", "0", "must be >= 1"), ("--eval-every", "-1", "must be >= 0"), ("--max-new", "0", "must be >= 1"),
+    ("--micro-batch", "0", "must be >= 1"), ("--top-p", "0", "must be > 0 and <= 1"), ("--eval-size", "-1", "must be >= 0"),
+    ("--threads", "-1", "must be >= 1"), ("--device", "tpu", "unknown device 'tpu'"), ("--lr", "nan", "must be > 0"),
+    ("--evict", "1.5", "must be > 0 and <= 1"), ("--targets", "q,x", "comma-separated names from q,k,v,o,gate,up,down"),
+    ("--model", "no-such-model", "unknown model 'no-such-model'"),
+])
+def test_flags_are_checked_before_any_model_loads(flag, value, message, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(train, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert message in refused(capsys, FAST + ["--out", str(tmp_path / "run"), flag, value])
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_input_is_refused(tmp_path, capsys):
+    assert "--group 1 gives every rollout advantage 0" in refused(capsys, ["--model", "toy", "--group", "1"])
+    assert "--temperature 0: greedy rollouts" in refused(capsys, ["--model", "toy", "--temperature", "0"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1+1", "answer": "2"}\n{not json\n')
     with pytest.raises(ValueError, match="bad.jsonl.*2"):
         train.main(FAST + ["--data", str(bad), "--out", str(tmp_path / "y")])
-    with pytest.raises(ValueError, match="thought slots"):
+    words = tmp_path / "words.jsonl"
+    words.write_text('{"problem": "<bos> 1 2 <sep>", "answer": "3"}\n{"problem": "<bos> 1 seven <sep>", "answer": "8"}\n')
+    with pytest.raises(ValueError, match="problem 'words/2': word.s. 'seven' outside the tokenizer's vocabulary"):
+        train.main(FAST + ["--data", str(words), "--out", str(tmp_path / "w")])
+    with pytest.raises(ValueError, match="every training prompt leaves fewer than 4 thought slots"):
         train.main(FAST + ["--cache", "20", "--out", str(tmp_path / "z")])
+
+
+def test_prompts_that_leave_too_few_thought_slots_are_set_aside_and_counted(tmp_path, capsys):
+    """At --cache 24 a 19-token toy prompt leaves 5 thought slots and a 21-token one 3 (< 4): the 3 long problems
+    are set aside when the data is loaded, counted in the first log line and in settings.json, never trained on."""
+    short = [dict(id=f"s{i}", problem=p["problem"], answer=p["answer"]) for i, p in enumerate(toy.make_problems(8, 1))]
+    long = [dict(id=f"l{i}", problem=p["problem"].replace("<sep>", "0 0 <sep>"), answer=p["answer"])
+            for i, p in enumerate(toy.make_problems(3, 2))]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in short + long))
+    run = train.main(FAST + ["--data", str(path), "--cache", "24", "--steps", "1", "--log-samples-every", "1",
+                             "--out", str(tmp_path / "run")])
+    assert "8 training problems (3 set aside: prompt leaves fewer than 4 thought slots at cache 24)" in capsys.readouterr().out
+    assert json.loads((run / "settings.json").read_text())["set_aside"] == dict(training=3, held_out=0, min_thought_slots=4)
+    assert all("0 0 <sep>" not in json.loads(line)["problem"] for line in (run / "samples.jsonl").read_text().splitlines())
+
+
+def test_train_does_not_know_the_toy():
+    """No cycle: train.py reads the toy's defaults from toy/train_defaults.json and its problems through data.py."""
+    done = subprocess.run([sys.executable, "-c", "import sys, train; print('toy' in sys.modules)"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
+    assert "toy" not in re.findall(r"^(?:from|import) (\w+)", (ROOT / "train.py").read_text(), re.M)
+
+
+def test_a_model_folder_brings_its_training_defaults(tmp_path):
+    defaults = json.loads((ROOT / "toy" / "train_defaults.json").read_text())
+    args = train.parse_args(["--model", "toy"])
+    assert {k: getattr(args, k) for k in defaults} == defaults
+    assert args.data == "toy-train" and train.parse_args(["--model", "toy", "--lr", "0.5"]).lr == 0.5  # a flag wins
+    folder = Path(shutil.copytree(ROOT / "toy", tmp_path / "mine"))
+    (folder / "train_defaults.json").write_text(json.dumps(dict(defaults, rank=4)))
+    assert train.parse_args(["--model", str(folder)]).rank == 4
+    (folder / "train_defaults.json").unlink()  # no file: the paper's defaults
+    assert {k: getattr(train.parse_args(["--model", str(folder)]), k) for k in train.PAPER_DEFAULTS} == train.PAPER_DEFAULTS
+    train_set, held_out = train.load_problems(train.parse_args(["--model", "toy", "--seed", "3"]))
+    assert train_set == toy.make_problems(20_000, 3) and held_out == toy.make_problems(256, toy.EVAL_SEED)
 
 
 @pytest.mark.slow
