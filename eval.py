@@ -40,8 +40,9 @@ def summarize(records, samples, tokens_per_s):
     groups = [records[i:i + samples] for i in range(0, len(records), samples)]
     mean = lambda key: sum(float(r[key]) for r in records) / len(records)  # noqa: E731
     summary = dict(n=len(groups), samples=samples, accuracy=mean("correct"),
-                   pass_at_k=sum(any(r["correct"] for r in g) for g in groups) / len(groups), mean_length=mean("length"),
-                   truncated=mean("truncated"), evictions_per_sample=mean("evictions"), tokens_per_s=tokens_per_s)
+                   pass_at_k=sum(any(r["correct"] for r in g) for g in groups) / len(groups),
+                   mean_length=mean("length"), truncated=mean("truncated"), evictions_per_sample=mean("evictions"),
+                   tokens_per_s=tokens_per_s)
     if "kl" in records[0]:
         n_kl = sum(r["kl_tokens"] for r in records)
         summary.update(kl=sum(r["kl"] * r["kl_tokens"] for r in records if r["kl_tokens"]) / n_kl if n_kl else None,
@@ -129,8 +130,8 @@ def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=No
 
 def table(results):
     """Markdown table of (bench, policy) summaries."""
-    head = ("| bench | policy | n | skipped | k | avg@k | pass@k | mean length | KL to full | truncated | evictions/sample "
-            "| tokens/s |")
+    head = ("| bench | policy | n | skipped | k | avg@k | pass@k | mean length | KL to full | truncated "
+            "| evictions/sample | tokens/s |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in results:
         lines.append(f"| {r['bench']} | {r['policy']} | {r['n']} | {r['skipped']} | {r['samples']} | {100 * r['accuracy']:.1f} | "

@@ -75,7 +75,8 @@ def sample_rollouts(net, prompts, policy, args, out):
         saved["seconds"] += time.perf_counter() - t0
         atomic_write(path, lambda p: torch.save(saved, p))
     batches = [Rollout(**b) for b in saved["batches"]]
-    return [train.take(ro, rows) for ro in batches for rows in torch.arange(len(ro.mask)).split(args.rows)], saved["seconds"]
+    pieces = [train.take(ro, rows) for ro in batches for rows in torch.arange(len(ro.mask)).split(args.rows)]
+    return pieces, saved["seconds"]
 
 
 def distill(net, rollouts, name, policy, args, out):
@@ -115,13 +116,15 @@ def distill(net, rollouts, name, policy, args, out):
 
 
 def svg_bars(rows, title):
-    """A horizontal bar chart as SVG text: rows of (label, value, note)."""
-    top, width, height, left = max(v for _, v, _ in rows), 420, 26, 110
+    """A horizontal bar chart as SVG text: rows of (label, value, standard error, note), the error as a whisker."""
+    top, width, height, left = max(v + e for _, v, e, _ in rows), 420, 26, 110
+    x = lambda v: left + width * v / top  # noqa: E731
     bars = "".join(
         f'<text x="{left - 6}" y="{40 + i * height + 14}" text-anchor="end">{label}</text>'
-        f'<rect x="{left}" y="{40 + i * height}" width="{width * v / top:.1f}" height="{height - 8}" fill="#4a7ab5"/>'
-        f'<text x="{left + width * v / top + 6:.1f}" y="{40 + i * height + 14}">{v:.4f} {note}</text>'
-        for i, (label, v, note) in enumerate(rows))
+        f'<rect x="{left}" y="{40 + i * height}" width="{x(v) - left:.1f}" height="{height - 8}" fill="#4a7ab5"/>'
+        f'<line x1="{x(v - e):.1f}" x2="{x(v + e):.1f}" y1="{49 + i * height}" y2="{49 + i * height}" stroke="black"/>'
+        f'<text x="{x(v + e) + 6:.1f}" y="{40 + i * height + 14}">{v:.4f} {note}</text>'
+        for i, (label, v, e, note) in enumerate(rows))
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 170}" height="{50 + len(rows) * height}" '
             f'font-family="sans-serif" font-size="12"><text x="10" y="20" font-size="13">{title}</text>{bars}</svg>\n')
 
@@ -133,20 +136,23 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if not (Path(args.model) / "config.json").exists():
         raise SystemExit(f"no model at {args.model}: build it with ../shared/tools/smollm2.sh (or set SMOLLM2_DIR)")
+    if args.eval_size < 2:
+        raise SystemExit("--eval-size must be at least 2 (the standard error over completions needs two)")
     if args.rollouts % 8 or 8 % args.rows:
         raise SystemExit(f"--rollouts {args.rollouts} must be a multiple of 8, and --rows {args.rows} divide 8")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     net, tokenizer = models.load(args.model), models.load_tokenizer(args.model)
     family = data.chat_family(args.model)
-    length = lambda p: len(tokenizer.encode(data.format_prompt(p["problem"], family), add_special_tokens=False).ids)  # noqa: E731
-    problems = [p for p in data.read_problems(data.resolve_data("gsm8k", args.data_dir)) if BAND[0] <= length(p) <= BAND[1]]
+    encode = lambda p: tokenizer.encode(data.format_prompt(p["problem"], family),  # noqa: E731
+                                        add_special_tokens=False).ids
+    problems = [p for p in data.read_problems(data.resolve_data("gsm8k", args.data_dir))
+                if BAND[0] <= len(encode(p)) <= BAND[1]]
     random.Random(args.seed).shuffle(problems)
     held_out, train_set = problems[:args.eval_size], problems[args.eval_size:]
     if len(train_set) < args.rollouts:
         raise SystemExit(f"{len(train_set)} problems left for {args.rollouts} training rollouts: lower --rollouts")
-    prompts = [tokenizer.encode(data.format_prompt(p["problem"], family), add_special_tokens=False).ids
-               for p in train_set[:args.rollouts]]
+    prompts = [encode(p) for p in train_set[:args.rollouts]]
     budget = BAND[1] + args.slots
     rollouts, seconds = sample_rollouts(net, prompts, CachePolicy("window", budget), args, out)
     times = {"training rollouts": seconds}
@@ -167,17 +173,21 @@ def main(argv=None):
         results.append((label, json.loads(path.read_text())))
         times[f"eval {label}"] = results[-1][1]["seconds"]
     window_kl = results[0][1]["kl"]
-    print(f"\n$ {shlex.join(['python', 'fidelity.py', *argv])}\n\nSmolLM2-135M-Instruct, {len(held_out)} held-out GSM8K "
-          f"problems (prompts {BAND[0]}-{BAND[1]} tokens), budget {budget} (window {args.slots}-{budget - BAND[0]} slots), "
+    print(f"\n$ {shlex.join(['python', 'fidelity.py', *argv])}\n\nSmolLM2-135M-Instruct, {len(held_out)} held-out "
+          f"GSM8K problems (prompts {BAND[0]}-{BAND[1]} tokens), budget {budget} (window {args.slots}-"
+          f"{budget - BAND[0]} slots), "
           f"sampled at T = 1, at most {args.max_new} tokens; trained rows: {args.steps} steps x {args.rows} rollouts "
           f"of the bare window (teacher-forced), lr {args.lr}, rank {args.rank}, targets {args.targets}\n")
     print("| row | KL(full \\|\\| row) per token after the first eviction | s.e. over completions "
           "| share of the window's KL closed | scored tokens | mean length | accuracy |\n|---|---|---|---|---|---|---|")
     for label, r in results:
-        print(f"| {label} | {r['kl']:.4f} | {r['kl_se']:.4f} | {(window_kl - r['kl']) / window_kl:+.0%} | {r['kl_tokens']} | "
+        closed = (window_kl - r["kl"]) / window_kl
+        print(f"| {label} | {r['kl']:.4f} | {r['kl_se']:.4f} | {closed:+.0%} | {r['kl_tokens']} | "
               f"{r['mean_length']:.0f} | {r['accuracy']:.3f} |")
-    svg = svg_bars([(label, r["kl"], f"({(window_kl - r['kl']) / window_kl:+.0%})") for label, r in results],
-                   f"SmolLM2-135M, budget prompt + {args.slots}: KL(full || row) per token after the first eviction")
+    svg = svg_bars([(label, r["kl"], r["kl_se"], f"({(window_kl - r['kl']) / window_kl:+.0%} closed)")
+                    for label, r in results],
+                   f"SmolLM2-135M, prompt + {args.slots} slots: KL(full || row) per token after the first eviction, "
+                   "with its standard error")
     (out / "fidelity.svg").write_text(svg)
     print(f"\ntime: {sum(times.values()):.0f} s in all ({', '.join(f'{k} {v:.0f} s' for k, v in times.items())}); "
           f"{torch.get_num_threads()} thread(s); plot {out / 'fidelity.svg'}")

@@ -59,7 +59,7 @@ def by_hand(model, ro, first):
 
 def test_window_kl_is_the_kl_by_hand(tiny, monkeypatch):
     summary, records, ro = evaluate(tiny, "window", P + W, monkeypatch)
-    assert [row[0] for row in ro.evictions] == [W, W] and ro.tokens.shape[1] == MAX_NEW  # no EOS in this vocabulary: every row runs to 24
+    assert [row[0] for row in ro.evictions] == [W, W] and ro.tokens.shape[1] == MAX_NEW  # no EOS: every row runs on
     expected = by_hand(tiny, ro, W + 1)  # the first prediction after the eviction before token 8 is token 9's
     assert summary["kl"] == pytest.approx(expected, rel=1e-3) and expected > 1e-4  # fp32 sums of near-equal terms
     assert summary["kl_tokens"] == 2 * (MAX_NEW - W - 1) and all(r["kl_tokens"] == MAX_NEW - W - 1 for r in records)
@@ -92,7 +92,8 @@ def test_cli_writes_kl_beside_accuracy_and_length(tmp_path, capsys):
     import toy
     bench = tmp_path / "toy.jsonl"
     bench.write_text("".join(json.dumps(p) + "\n" for p in toy.make_problems(32, toy.EVAL_SEED)))
-    ev.main(["--model", "toy", "--bench", str(bench), "--policy", "full,window", "--cache", str(toy.TOY_DEFAULTS["cache"]),
+    ev.main(["--model", "toy", "--bench", str(bench), "--policy", "full,window",
+             "--cache", str(toy.TOY_DEFAULTS["cache"]),
              "--max-new", str(toy.TOY_DEFAULTS["max_new"]), "--batch-size", "32", "--threads", "1", "--kl",
              "--out", str(tmp_path / "out")])
     full, window = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
