@@ -6,8 +6,10 @@ the cache and the chain of S), and take one AdamW step on the adapter and encode
 model is frozen). One update per batch, so the PPO ratio is 1 and the clip is inert unless --epochs > 1.
 Several GPUs or nodes: `torchrun --nproc_per_node N train.py ...` (DistributedDataParallel over the adapter;
 each rank rolls out its share of the prompts; rank 0 alone writes). Checkpoints are written atomically
-(a temporary folder, renamed) and `--resume DIR` continues exactly: every step reseeds its sampler from
-(seed, step, rank) and derives its prompts from (seed, step), so no generator state has to be carried over.
+(a temporary folder, renamed) and `--resume DIR` continues exactly, with the run's own settings.json: every step
+reseeds its sampler from (seed, step, rank) and derives its prompts from (seed, step), so no generator state has
+to be carried over. Ctrl-C or SIGTERM stop with a checkpoint of the last completed step (a step whose update has
+not begun is dropped). Prompts that leave the cache too few thought slots are set aside when the data is loaded.
 
 Choices the paper leaves open (SPEC section 5): group 8, temperature 1.0, beta 0.02 for the toy (it breaks
 without a KL anchor) and 0 for real models (the usual LoRA-free recipes), token-mean loss.
@@ -37,15 +39,15 @@ import data
 import grade
 from encoder import Adapter, AdapterConfig, load_adapter, save_adapter, trainable
 from grpo import group_advantages, grpo_loss
-from model import load, load_tokenizer, resolve
 from cache import MIN_THOUGHT_SLOTS
+from model import load, load_tokenizer, resolve
 from rollout import CachePolicy, Rollout, generate, score
 
 PAPER_DEFAULTS = dict(policy="pte", cache=1024, evict=0.25, rank=32, globals=32, targets="q,k,v,o", lr=1e-5, grad_clip=1.0,
                       max_new=3072, group=8, prompts_per_step=64, steps=200, temperature=1.0, beta=0.0, loss="token-mean",
                       micro_batch=8, eval_every=50, eval_size=64, save_every=25, data="math_train")
 SHAPE_KEYS = ("model", "policy", "rank", "globals", "targets")  # a checkpoint must agree on these to be resumed
-SAFE_ON_RESUME = ("steps", "save_every", "eval_every", "log_samples_every", "micro_batch", "threads", "device")
+SAFE_ON_RESUME = ("steps", "save_every", "eval_every", "log_samples_every", "micro_batch", "threads", "device", "data_dir")
 NOT_SETTINGS = ("resume", "out")  # where the run lives, not how it runs
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -126,8 +128,8 @@ def parser():
     a("--truncate", action="store_true", help="truncated backprop: each segment back-propagates at once against "
       "the cache and S as constants (PAPER Q7); memory fixed by --cache instead of growing with the rollout")
     a("--data", help="training problems: comma-separated JSONL paths or names (math_train, gsm8k, dapo-math-17k, ...). "
-      "The paper trained on DAPO-Math-17K (--data dapo-math-17k, fetched once from the Hugging Face hub); our offline "
-      "default is MATH's 7,500 training problems")
+      "The paper trained on DAPO-Math-17K (--data dapo-math-17k, fetched once from the Hugging Face hub); our default, "
+      "math_train (MATH's training problems), also works offline from a local file")
     a("--data-dir", help="where names resolve: default $PTE_DATA, else data/")
     a("--eval-data", help="held-out problems from their own data set (its first --eval-size) instead of split off --data")
     a("--eval-size", type=number(int, 0), help="held-out problems for --eval-every and the closing table (split off the training data)")
