@@ -90,19 +90,17 @@ def rollout_ours(s, model):
 
 def train_step(s, model):
     """score + GRPO loss + backward on a rollout of `length` tokens built without decoding."""
-    import cache
     from encoder import Adapter, AdapterConfig
     from grpo import grpo_loss
     from rollout import CachePolicy, Rollout, score
     policy, dev = CachePolicy(s["policy"], s["budget"]), s["device"]
     adapter = Adapter(model.config, AdapterConfig("lora" if s["policy"] == "full" else "pte")).to(dev)
     B, P, T = s["batch"], s["prompt_len"], s["length"]
-    W = cache.thought_slots(s["policy"], s["budget"], P, T)
     g = torch.Generator().manual_seed(1)
     valid = torch.ones(B, T, dtype=torch.bool, device=dev)
     rollout = Rollout(prompts(s, model.config.vocab_size).to(dev), torch.full((B,), P, device=dev),
                       torch.randint(100, model.config.vocab_size, (B, T), generator=g).to(dev), torch.zeros(B, T, device=dev),
-                      valid, valid[:, 0], cache.eviction_steps(T - 1, W, cache.evict_count(W, policy.evict), s["policy"]))
+                      valid, valid[:, 0], [policy.schedule([P], T).steps(0, T - 1)] * B)
 
     def step():
         logp = score(model, rollout, policy, adapter, truncate=s.get("truncate", False))  # (B, T)

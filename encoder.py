@@ -87,11 +87,15 @@ class Adapter(nn.Module):
             h = h @ core.to(x.dtype).transpose(1, 2)  # S (A x) per token
         return self.scale * (h @ self.B[f"{target}{layer}"].to(x.dtype).T)  # (B, T, d_out)
 
-    def encode(self, k, v, layers=slice(None)):
-        """S'(K, V) of the layers (all by default): k, v (L, B, m, d_kv) -> (L, B, r, r), in fp32."""
+    def encode(self, k, v, layers=slice(None), valid=None):
+        """S'(K, V) of the layers (all by default): k, v (L, B, m, d_kv) -> (L, B, r, r), in fp32.
+        valid (B, m): the tokens of each row (rows evict different counts; the others are padding and count nothing)."""
+        k, v = k.to(self.W_K.dtype), v.to(self.W_V.dtype)  # fp32 (the adapter's dtype), whatever the model's
+        v = v if valid is None else v * valid[..., None]  # (L, B, m, d_kv)
+        count = k.shape[2] if valid is None else valid.sum(-1).clamp(min=1)[:, None, None]  # len(K) of each row
         query = self.q_g[layers] @ self.W_Q[layers]  # (L, r, r)
-        kv = (k.float() @ self.W_K[layers, None]).transpose(2, 3) @ (v.float() @ self.W_V[layers, None])  # (L, B, r, r)
-        return query[:, None] @ kv / k.shape[2]
+        kv = (k @ self.W_K[layers, None]).transpose(2, 3) @ (v @ self.W_V[layers, None])  # (L, B, r, r)
+        return query[:, None] @ kv / count
 
     def initial_cores(self, batch):
         """S(0) for a batch: (L, B, r, r), or None for plain LoRA (identity core)."""
@@ -102,12 +106,12 @@ class Adapter(nn.Module):
             return torch.zeros(L, batch, r, r, device=self.W_Q.device)
         return normalize(self.encode(self.k_g[:, None], self.v_g[:, None])).expand(L, batch, r, r)
 
-    def update_cores(self, cores, k, v, layers=slice(None)):
-        """Fold evicted keys (un-rotated) and values (L, B, m, d_kv) into the layers' S (L, B, r, r).
+    def update_cores(self, cores, k, v, layers=slice(None), valid=None):
+        """Fold evicted keys (un-rotated) and values (L, B, m, d_kv) into the layers' S (L, B, r, r); valid as encode's.
         Returns (new cores, ||S'|| / ||S|| averaged: a 0-d tensor, read without a device sync per layer)."""
         if self.cfg.mode == "global-only":
             return cores, cores.new_zeros(())
-        new = self.encode(k, v, layers)
+        new = self.encode(k, v, layers, valid)
         ratio = (torch.linalg.matrix_norm(new) / torch.linalg.matrix_norm(cores).clamp(min=1e-12)).mean()
         return normalize(cores + new), ratio
 

@@ -64,7 +64,7 @@ def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=No
             gold = problems[i]["answer"]
             done[i, s] = dict(id=problems[i]["id"], sample=s, completion=text, answer=grade.extract_answer(text), gold=gold,
                               correct=grade.score(text, gold) == 1.0, length=n, truncated=bool(out.truncated[b]),
-                              evictions=sum(t < n - 1 for t in out.evictions))
+                              evictions=sum(t < n - 1 for t in out.evictions[b]))
         bar.update(len(batch))
     bar.close()
     records = [done[i, s] for i in range(len(problems)) for s in range(samples)]

@@ -9,8 +9,9 @@ has one, tied or untied `lm_head`. Two hooks make it the base of everything else
   thought encoder's state S, one (B, r, r) matrix per layer, or None for plain LoRA.
 `load()` reads Hugging Face folders (one safetensors file or shards) by path or by registry name, and fails
 with a message that names the problem. Departure from `transformers`: none intended; tests prove parity.
-Speed on the CPU: decoding (fp32, no grad) may run the linears through oneDNN's blocked copy of the weights
-(`packed_weights`) and one-query attention through two plain matmuls (`attend_one`).
+Speed: decoding attends with one query per row through two plain matmuls (`attend_one`, no copy of the cache per
+query head), and on the CPU (fp32, no grad) may run the linears through oneDNN's blocked copy of the weights
+(`packed_weights`). Masked attention over several queries expands the KV heads on cuda (`attend_masked`).
 """
 import json
 import math
@@ -100,9 +101,14 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
 
 # ---------------------------------------------------------------------------------------------------- layers
 
+def wide(x):
+    """x in fp32 at least: bf16/fp16 statistics in fp32, as transformers computes them; fp64 stays (gradient checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def rms_norm(x, weight, eps):
     # statistics in fp32, cast back before the weight, exactly as transformers does
-    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+    return weight * F.rms_norm(wide(x), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -163,7 +169,19 @@ def attend_one(q, k, v, mask):
     B, H, _, D = q.shape
     q = q.reshape(B, k.shape[1], H // k.shape[1], D) * D ** -0.5  # (B, Hkv, G, D)
     scores = (k @ q.transpose(-1, -2)).transpose(-1, -2) + mask  # (B, Hkv, G, S)
-    return (torch.softmax(scores, -1) @ v).view(B, H, 1, D)
+    return (torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype) @ v).view(B, H, 1, D)  # fp32 like SDPA's
+
+
+def attend_masked(q, k, v, mask, expand=None):
+    """SDPA of q (B, H, T, D) over k, v (B, Hkv, S, D) under an additive mask (B, 1, T, S). PyTorch's fused kernels
+    do not take GQA together with an explicit mask: given enable_gqa they fall back to the math kernel, which
+    copies K and V once per query head anyway and materialises the scores in fp32. On cuda the KV heads are
+    therefore expanded here, one copy, and the memory-efficient kernel runs (bench.py --gpu prints which ran)."""
+    if not (q.device.type == "cuda" if expand is None else expand) or k.shape[1] == q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    B, Hkv, S, D = k.shape
+    k, v = (x[:, :, None].expand(B, Hkv, q.shape[1] // Hkv, S, D).reshape(B, q.shape[1], S, D) for x in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class Block(nn.Module):
@@ -200,8 +218,7 @@ class Block(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, D)
         else:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D): everything this chunk may see, itself included
-            o = (attend_one(q, k, v, cache.mask) if T == 1 and x.device.type == "cpu"
-                 else F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=True))  # (B, H, T, D)
+            o = attend_one(q, k, v, cache.mask) if T == 1 else attend_masked(q, k, v, cache.mask)  # (B, H, T, D)
         x = x + self.linear(attn, "o", o.transpose(1, 2).reshape(B, T, -1), adapter, core)
         h = rms_norm(x, self.post_attention_layernorm.weight, cfg.rms_eps)
         gate_up = F.silu(self.linear(mlp, "gate", h, adapter, core)) * self.linear(mlp, "up", h, adapter, core)  # (B, T, F)

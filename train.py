@@ -230,7 +230,7 @@ def step_prompts(problems, step, args, rank, world):
 
 def take(ro: Rollout, rows):
     return Rollout(ro.prompts[rows], ro.prompt_lens[rows], ro.tokens[rows], ro.logprobs[rows], ro.mask[rows],
-                   ro.truncated[rows], ro.evictions, ro.stats)
+                   ro.truncated[rows], [ro.evictions[i] for i in rows.tolist()], ro.stats)
 
 
 class Objective(nn.Module):
@@ -517,7 +517,8 @@ def train(args, stop):
         metrics = dict(step=step + 1, reward=rewards.mean().item(), accuracy=rewards.mean().item(),
                        zero_std_groups=(rewards.view(-1, args.group).amax(1) == rewards.view(-1, args.group).amin(1)).float().mean().item(),
                        length_mean=lengths.mean().item(), length_max=lengths.max().item(), truncated=ro.truncated.float().mean().item(),
-                       evictions=len(ro.evictions), s_update_ratio=ro.stats["s_update_ratio"], **stats,
+                       evictions=ro.stats["evictions"], window_min=min(ro.stats["windows"]),
+                       window_mean=sum(ro.stats["windows"]) / len(ro.stats["windows"]), s_update_ratio=ro.stats["s_update_ratio"], **stats,
                        tokens_per_s=ro.stats["tokens_per_s"], peak_memory_gb=peak_memory_gb(device) if per_step_peak else None,
                        step_seconds=time.perf_counter() - t0, wall_seconds=time.perf_counter() - t_start)
         if world > 1:  # the logged rollout metrics are rank 0's share; the loss and the update cover all ranks

@@ -51,7 +51,7 @@ def test_grades_and_aggregates_known_completions(monkeypatch):
         tokens = torch.tensor([[ord(c) for c in t] + [0] * (T - len(t)) for t in texts])  # (B, T)
         mask = torch.tensor([[j < len(t) for j in range(T)] for t in texts])  # (B, T)
         return rollout.Rollout(None, None, tokens, None, mask, torch.tensor([len(t) >= max_new for t in texts]),
-                               evictions=[0, 3], stats=dict(seconds=1.0, tokens=int(mask.sum())))
+                               evictions=[[0, 3]] * len(texts), stats=dict(seconds=1.0, tokens=int(mask.sum())))
 
     monkeypatch.setattr(ev.rollout, "generate", fake_generate)
     model = SimpleNamespace(embed_tokens=SimpleNamespace(weight=torch.zeros(1)))  # only its device is read

@@ -100,7 +100,7 @@ def test_cached_decoding_equals_one_forward(tiny_qwen, packed):
     ours = M.load(tiny_qwen[0])
     seq, P, T, lens = random_tokens((2, 24)), 8, 16, torch.tensor([8, 5])
     prompt_pos = (torch.arange(P) - (P - lens)[:, None]).clamp(min=-1)  # (2, P), -1 at pads
-    cache = RingCache.allocate(ours.config, 2, P, T, torch.float32, "cpu")
+    cache = RingCache.allocate(ours.config, 2, P, [T, T], torch.float32, "cpu")
     with torch.no_grad(), (M.packed_weights(ours) if packed else contextlib.nullcontext()):
         assert hasattr(ours.layers[0].self_attn.q_proj, "packed") == (packed and M.ONEDNN)
         cache.write_prompt(prompt_pos)
@@ -136,6 +136,20 @@ SPEC_SHAPES = {  # SPEC section 1: layers, d, ffn, H, Hkv, vocab, tied, rope the
     "r1-llama-8b": (32, 4096, 14336, 32, 8, 128256, False, 5e5),
     "smollm2-135m": (30, 576, 1536, 9, 3, 49152, True, 1e5),
 }
+
+
+def test_masked_attention_with_expanded_kv_heads_equals_gqa():
+    """attend_masked's cuda path (KV heads expanded, no enable_gqa) equals SDPA's own GQA, and attend_one (decode)
+    equals both, under a mask that hides some keys: query head h reads KV head h // (H / Hkv)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 6, 3, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    mask = torch.zeros(2, 1, 3, 5).masked_fill_(torch.rand(2, 1, 3, 5, generator=g) < 0.3, torch.finfo(torch.float32).min)
+    mask[..., 0] = 0  # every query sees a key
+    plain = M.attend_masked(q, k, v, mask, expand=False)
+    torch.testing.assert_close(M.attend_masked(q, k, v, mask, expand=True), plain)
+    by_hand = torch.softmax(q @ k.repeat_interleave(3, 1).transpose(-1, -2) / 8 ** 0.5 + mask, -1) @ v.repeat_interleave(3, 1)
+    torch.testing.assert_close(plain, by_hand)
+    torch.testing.assert_close(M.attend_one(q[:, :, :1], k, v, mask[:, :, :1]), by_hand[:, :, :1])
 
 
 @pytest.mark.parametrize("name", SPEC_SHAPES)

@@ -8,11 +8,11 @@ import model as M
 from conftest import chatml
 from cache import MaskedForward, RingCache, evict_count, eviction_steps, thought_slots, unrotate
 from encoder import Adapter, AdapterConfig
-from rollout import CachePolicy, fold, generate, score
+from rollout import CachePolicy, fold, generate, sample, score
 
 # left-padded to P = 8; picked so that greedy decoding of the tiny model does not loop on one token in every row
 PROMPTS = [[47, 77, 70, 9, 43, 53, 67, 40], [32, 51, 44, 43, 93], [42, 44, 35]]
-P, W, MAX_NEW = 8, 8, 24  # budget P + W: m = 2, evictions before thought tokens 8, 10, ..., 22
+P, W, MAX_NEW = 8, 8, 24  # budget P + W: row 0 keeps W = 8 (m = 2), row 1 11 (m = 3), row 2 13 (m = 4) thought slots
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,11 @@ def make_adapter(cfg, mode, b_std=0.1):
 
 # ---------------------------------------------------------------------------------------------------- the reference
 
+def rings(budget, evict=0.25):
+    """Each row's (W_i, m_i) at this budget: W_i = budget - len(prompt_i), SPEC section 2."""
+    return [(budget - len(p), evict_count(budget - len(p), evict)) for p in PROMPTS]
+
+
 def simulate_ring(n_tokens, window, m):
     """Thought tokens in the window when each token t is written, and the steps before which m were evicted."""
     ring, seen, steps = [], [], []
@@ -55,14 +60,14 @@ def simulate_ring(n_tokens, window, m):
     return seen, steps
 
 
-def reference_mask(roll, window, m):
-    """allowed (B, P+T, P+T) bool and absolute positions (B, P+T) of SPEC section 2 for prompt + completion."""
+def reference_mask(roll, ring):
+    """allowed (B, P+T, P+T) bool and absolute positions (B, P+T) of SPEC section 2 for prompt + completion;
+    ring: each row's (W_i, m_i)."""
     (B, P), T = roll.prompts.shape, roll.tokens.shape[1]
-    seen, _ = simulate_ring(T, window, m)
     allowed = torch.zeros(B, P + T, P + T, dtype=torch.bool)
     positions = torch.zeros(B, P + T, dtype=torch.long)
     for b, n in enumerate(roll.prompt_lens.tolist()):
-        pad = P - n
+        seen, pad = simulate_ring(T, *ring[b])[0], P - n
         allowed[b, :P, pad:P] = torch.ones(P, n, dtype=torch.bool).tril(-pad)  # prompt: causal over real tokens
         allowed[b, range(pad), range(pad)] = True  # pad queries see themselves only (finite, seen by nobody)
         allowed[b, P:, pad:P] = True  # thoughts see the whole prompt
@@ -83,8 +88,8 @@ def gather_logprobs(logits, roll, temperature=1.0):
     return logp.gather(-1, roll.tokens[..., None])[..., 0]  # (B, T)
 
 
-def hf_reference(hf, roll, window, m, temperature=1.0):
-    allowed, positions = reference_mask(roll, window, m)
+def hf_reference(hf, roll, ring, temperature=1.0):
+    allowed, positions = reference_mask(roll, ring)
     with torch.no_grad():
         seq = torch.cat([roll.prompts, roll.tokens], 1)  # (B, P + T)
         logits = hf(seq, attention_mask=additive(allowed), position_ids=positions).logits
@@ -99,54 +104,60 @@ def masked_diff(a, b, mask):
 
 def test_window_with_room_equals_full(tiny):
     full, window = run(tiny, "full"), run(tiny, "window", budget=P + MAX_NEW + 5)
-    assert window.evictions == [] and torch.equal(full.tokens, window.tokens) and torch.equal(full.logprobs, window.logprobs)
+    assert window.evictions == [[]] * 3 and torch.equal(full.tokens, window.tokens) and torch.equal(full.logprobs, window.logprobs)
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-@pytest.mark.parametrize("window, evict", [(8, 0.25), (6, 0.5)])
-def test_window_equals_masked_reference(tiny, tiny_qwen, impl, window, evict):
+@pytest.mark.parametrize("budget, evict", [(P + 8, 0.25), (P + 6, 0.5), (P + 3 + 4, 0.25)])
+def test_window_equals_masked_reference(tiny, tiny_qwen, impl, budget, evict):
+    """Prompts of 8, 5 and 3 tokens in one batch: each row keeps its own window (budget - its prompt; at P + 7 the
+    longest prompt leaves 4 slots while the shortest leaves 8) and evicts on its own schedule."""
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(tiny_qwen[0], attn_implementation=impl, dtype=torch.float32).eval()
-    m = evict_count(window, evict)
-    roll = run(tiny, "window", budget=P + window, evict=evict, max_new=30)
-    _, steps = simulate_ring(30 - 1, window, m)  # the last token is never written
-    assert roll.evictions == steps and len(steps) >= 5
-    assert masked_diff(roll.logprobs, hf_reference(hf, roll, window, m), roll.mask) < 1e-5
+    roll = run(tiny, "window", budget=budget, evict=evict, max_new=30)
+    ring = rings(budget, evict)
+    assert roll.evictions == [simulate_ring(30 - 1, *r)[1] for r in ring]  # the last token is never written
+    assert roll.stats["windows"] == [w for w, _ in ring] and min(map(len, roll.evictions)) >= 3
+    assert len({tuple(e) for e in roll.evictions}) == 3  # three different schedules
+    assert masked_diff(roll.logprobs, hf_reference(hf, roll, ring), roll.mask) < 1e-5
 
 
 def test_pte_with_zero_B_equals_window_and_random_B_differs(tiny):
     window = run(tiny, "window")
     pte = run(tiny, "pte", make_adapter(tiny.config, "pte", b_std=0))
-    assert window.evictions and torch.equal(window.tokens, pte.tokens) and torch.equal(window.logprobs, pte.logprobs)
+    assert window.evictions[0] and torch.equal(window.tokens, pte.tokens) and torch.equal(window.logprobs, pte.logprobs)
     assert (run(tiny, "pte", make_adapter(tiny.config, "pte")).logprobs - window.logprobs).abs().max() > 1e-3
 
 
 def test_evictions_feed_the_encoder(tiny):
-    """pte and global-only (S never updated) with the same parameters agree until the first eviction, not after:
-    the eviction before token W changes S for the forward of token W, which predicts token W + 1."""
+    """pte and global-only (S never updated) with the same parameters agree in each row until its first eviction,
+    not after: the eviction before token W_i changes row i's S for the forward of token W_i, which predicts W_i + 1."""
     pte = make_adapter(tiny.config, "pte")
     frozen = make_adapter(tiny.config, "global-only")
     frozen.load_state_dict(pte.state_dict())
-    a, b = run(tiny, "pte", pte), run(tiny, "pte", frozen)
-    assert a.evictions[0] == W and torch.equal(a.logprobs[:, :W + 1], b.logprobs[:, :W + 1])
-    assert ((a.logprobs[:, W + 1] - b.logprobs[:, W + 1]).abs() > 1e-6).all()
+    a, b = run(tiny, "pte", pte, temperature=0.0), run(tiny, "pte", frozen, temperature=0.0)
+    for row, (window, _) in enumerate(rings(P + W)):
+        assert a.evictions[row][0] == window and torch.equal(a.logprobs[row, :window + 1], b.logprobs[row, :window + 1])
+        assert (a.logprobs[row, window + 1] - b.logprobs[row, window + 1]).abs() > 1e-6
 
 
 def test_fold_is_the_spec_update(tiny):
     """One eviction into S, by hand for every layer and row (SPEC section 3): S <- sqrt(r) X / ||X||_F with
-    X = S + (q_g W_Q) (K W_K)^T (V W_V) / m, K the evicted keys before RoPE with the KV heads side by side."""
+    X = S + (q_g W_Q) (K W_K)^T (V W_V) / m, K the evicted keys before RoPE with the KV heads side by side.
+    Row 0 evicts 3 tokens, row 1 only 2 (its third is padding, which must count for nothing, not even in m)."""
     cfg, adapter, (B, m) = tiny.config, make_adapter(tiny.config, "pte"), (2, 3)
     positions = torch.tensor([[5, 6, 7], [9, 10, 11]])  # (B, m)
+    valid, counts = torch.tensor([[True, True, True], [True, True, False]]), [3, 2]
     raw_k = torch.randn(cfg.n_layers, B, cfg.n_kv_heads, m, cfg.head_dim, generator=gen())  # before RoPE
     values = torch.randn(raw_k.shape, generator=gen(1))
     keys = M.apply_rope(raw_k, *M.rope_cos_sin(tiny.inv_freq, positions, torch.float32))  # as the cache holds them
     cores = adapter.initial_cores(B)  # (L, B, r, r)
     with torch.no_grad():
-        folded, ratio = fold(adapter, cores, zip(keys, values), positions, tiny.inv_freq)
+        folded, ratio = fold(adapter, cores, zip(keys, values), positions, valid, tiny.inv_freq)
     ratios = []
     for layer in range(cfg.n_layers):
-        for row in range(B):
-            K, V = (x[layer, row].transpose(0, 1).reshape(m, -1) for x in (raw_k, values))  # (m, Hkv * D)
+        for row, m in enumerate(counts):
+            K, V = (x[layer, row, :, :m].transpose(0, 1).reshape(m, -1) for x in (raw_k, values))  # (m, Hkv * D)
             new = (adapter.q_g[layer] @ adapter.W_Q[layer]) @ (K @ adapter.W_K[layer]).T @ (V @ adapter.W_V[layer]) / m
             X = cores[layer, row] + new.detach()
             torch.testing.assert_close(folded[layer, row], 4 ** 0.5 * X / X.norm(), atol=1e-5, rtol=1e-4)
@@ -171,7 +182,7 @@ def test_score_reproduces_generate(tiny, policy, temperature):
     roll = run(tiny, policy, adapter, temperature=temperature, eos_ids=[eos])
     lengths = roll.mask.sum(1)
     assert lengths.min() < lengths.max() == MAX_NEW and not roll.truncated[lengths.argmin()]
-    assert (policy == "full") == (roll.evictions == [])
+    assert (policy == "full") == (roll.evictions == [[]] * 3)
     with torch.no_grad():
         logp = score(tiny, roll, CachePolicy(policy, P + W), adapter, temperature)
     assert masked_diff(logp, roll.logprobs, roll.mask) <= 2e-5
@@ -193,7 +204,7 @@ def test_score_gradients(tiny, policy, mode):
     references = [grads(score(tiny, roll, pol, adapter, 1.0, use_checkpoint=False))]
     assert all(p.grad is None for p in tiny.parameters())
     if policy == "window":  # one masked forward of the whole sequence: the gradients are exact through the cache
-        allowed, positions = reference_mask(roll, W, evict_count(W, 0.25))
+        allowed, positions = reference_mask(roll, rings(P + W))
         seq = torch.cat([roll.prompts, roll.tokens], 1)
         references.append(grads(gather_logprobs(tiny(seq, positions, MaskedForward(additive(allowed)), adapter), roll)))
     expected = {"A", "B"} | ({"q_g", "W_Q", "W_K", "W_V", "k_g", "v_g"} if mode == "pte" else set())
@@ -217,8 +228,9 @@ class DetachOutside(MaskedForward):
 
 def test_truncated_gradients_equal_pieces_by_hand(tiny):
     """score(truncate=True) returns the same values; its gradient is the sum over pieces (the prompt, then the
-    segments cut at evictions and every m tokens) of each piece's own gradient with every other token's keys and
-    values held constant, computed here on one masked forward; and it differs from the exact gradient."""
+    segments cut at every row's evictions and runs cut into chunks of the smallest m) of each piece's own gradient
+    with every other token's keys and values held constant, computed here on one masked forward; and it differs
+    from the exact gradient."""
     adapter = make_adapter(tiny.config, "lora")
     roll, pol = run(tiny, "window", adapter), CachePolicy("window", P + W)
     weights = torch.randn(roll.tokens.shape, generator=gen(1))
@@ -231,10 +243,12 @@ def test_truncated_gradients_equal_pieces_by_hand(tiny):
     exact, truncated = score(tiny, roll, pol, adapter, 1.0), score(tiny, roll, pol, adapter, 1.0, truncate=True)
     assert torch.equal(exact, truncated) and truncated.requires_grad
     exact, truncated = grads(exact), grads(truncated)
-    T, m = roll.tokens.shape[1], evict_count(W, 0.25)
-    bounds = sorted({0, T - 1, *eviction_steps(T - 1, W, m, "window"), *range(0, T - 1, m)})
+    T, ring = roll.tokens.shape[1], rings(P + W)
+    bounds = sorted({0, T - 1, *(t for w, m in ring for t in eviction_steps(T - 1, w, m, "window"))})
+    chunk = min(m for _, m in ring)
+    bounds = sorted({c for a, b in zip(bounds, bounds[1:]) for c in range(a, b, chunk)} | {T - 1})
     pieces = [(0, P, 0, 1)] + [(P + a, P + b, a + 1, b + 1) for a, b in zip(bounds, bounds[1:])]  # inputs, targets
-    allowed, positions = reference_mask(roll, W, m)
+    allowed, positions = reference_mask(roll, ring)
     seq, by_hand = torch.cat([roll.prompts, roll.tokens], 1), {}
     for s0, s1, t0, t1 in pieces:
         inside = torch.zeros(P + T, dtype=torch.bool)
@@ -278,10 +292,10 @@ def test_memory_fixed_by_budget(tiny):
     slots = {(policy, n): thought_slots(policy, budget, P, n) for policy in ("full", "window", "pte") for n in (100, 10_000)}
     assert slots["window", 100] == slots["window", 10_000] == slots["pte", 10_000] == W
     assert (slots["full", 100], slots["full", 10_000]) == (100, 10_000)
-    size = lambda n: RingCache.allocate(cfg, 3, P, n, torch.float32, "cpu").k.numel()
+    size = lambda n: RingCache.allocate(cfg, 3, P, [n] * 3, torch.float32, "cpu").k.numel()
     assert size(slots["pte", 100]) == size(slots["pte", 10_000]) < size(slots["full", 100])
     adapter = make_adapter(cfg, "pte")
-    for policy, expected in (("window", budget), ("pte", budget), ("full", P + 100)):
+    for policy, expected in (("window", P + budget - 3), ("pte", P + budget - 3), ("full", P + 100)):
         stats = run(tiny, policy, adapter if policy == "pte" else None, max_new=100).stats
         assert stats["steps"] == 100 and stats["cache_slots"] == expected and stats["cache_slots_used"] <= expected
 
@@ -319,9 +333,9 @@ def test_smollm2_window_equals_masked_reference(smol):
     folder, ours, tok = smol
     prompt = chatml(tok, "Write a short paragraph about the history of Paris.")
     roll = generate(ours, [prompt], CachePolicy("window", len(prompt) + 32), 80, eos_ids=[])
-    assert len(roll.evictions) >= 5
+    assert len(roll.evictions[0]) >= 5
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    assert masked_diff(roll.logprobs, hf_reference(hf, roll, 32, 8), roll.mask) < 1e-4
+    assert masked_diff(roll.logprobs, hf_reference(hf, roll, [(32, 8)]), roll.mask) < 1e-4
 
 
 @pytest.mark.slow
@@ -334,5 +348,92 @@ def test_smollm2_answers_under_window(smol, capsys):
     out = generate(ours, [prompt], CachePolicy("window", len(prompt) + 24), 80)
     tokens = out.tokens[0][out.mask[0]].tolist()
     with capsys.disabled():
-        print(f"\n[window, budget prompt + 24, {len(out.evictions)} evictions] {tok.decode(tokens)!r}")
-    assert len(out.evictions) >= 3 and len(set(tokens[-40:])) >= 15
+        print(f"\n[window, budget prompt + 24, {len(out.evictions[0])} evictions] {tok.decode(tokens)!r}")
+    assert len(out.evictions[0]) >= 3 and len(set(tokens[-40:])) >= 15
+
+
+# ---------------------------------------------------------------------------------------------------- the method pinned
+
+def test_adapter_delta_is_B_S_A_x_by_hand(tiny):
+    """y += (alpha / r) B S A x per token with the row's own S (not S^T: S is not symmetric here)."""
+    adapter = make_adapter(tiny.config, "pte")
+    x = torch.randn(2, 3, tiny.config.dim, generator=gen())  # (B, T, d)
+    core = torch.randn(2, 4, 4, generator=gen(1))  # (B, r, r)
+    assert (core - core.transpose(1, 2)).abs().max() > 0.1
+    A, B = adapter.A["v1"], adapter.B["v1"]
+    with torch.no_grad():
+        got = adapter.delta(1, "v", x, core)
+    for row in range(2):
+        for t in range(3):
+            by_hand = adapter.scale * B @ (core[row] @ (A @ x[row, t]))
+            torch.testing.assert_close(got[row, t], by_hand, atol=1e-6, rtol=1e-5)
+
+
+def test_top_p_keeps_the_token_that_crosses_the_threshold():
+    """p = (0.5, 0.3, 0.2), top-p 0.6: 0.5 alone falls short, so the nucleus is {0, 1}, drawn 5:3; the recorded
+    log-prob is under the full softmax (log 0.3 for token 1), not the truncated one."""
+    logits = torch.tensor([0.5, 0.3, 0.2]).log().expand(4000, 3)
+    token, logp = sample(logits, 1.0, 0.6, gen())
+    counts = torch.bincount(token, minlength=3)
+    assert counts[2] == 0 and counts[1] > 0
+    assert counts[0] / 4000 == pytest.approx(0.625, abs=0.03)
+    torch.testing.assert_close(logp[token == 1], torch.full_like(logp[token == 1], 0.3).log())
+
+
+def test_truncate_feeds_the_encoder_from_every_target(tiny):
+    """Under --truncate, every target's loss reaches the encoder (q_g, W_Q, W_K, W_V), as it does in exact mode,
+    also when W % m != 0 and when a segment is cut by another row's eviction: budget 19 gives row 0 W = 11, m = 3 and
+    row 1 (3 prompt tokens) W = 16, m = 4. A grid of chunks that is not aligned to each row's evictions makes the
+    targets of a piece that does not open with that row's eviction see S as a constant."""
+    adapter = make_adapter(tiny.config, "pte")
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    roll = generate(tiny, prompts, CachePolicy("pte", 19), 24, adapter, 1.0, eos_ids=[], pad_id=0, generator=gen())
+    assert roll.evictions == [[11, 14, 17, 20], [16, 20]]
+    for row, first in enumerate((11, 16)):
+        for t in range(first + 1, 24):  # targets after the row's first eviction (S(0) is recomputed in every piece)
+            adapter.zero_grad(set_to_none=True)
+            score(tiny, roll, CachePolicy("pte", 19), adapter, 1.0, truncate=True)[row, t].backward()
+            assert all(p.grad.abs().sum() > 0 for p in (adapter.q_g, adapter.W_Q, adapter.W_K, adapter.W_V)), (row, t)
+
+
+def test_score_gradients_equal_finite_differences(tiny_qwen):
+    """The gradient of score (exact mode, checkpointed) with respect to every encoder tensor equals central finite
+    differences in fp64: it fails if the chain of S, the keys' path into S or S(0)'s global tokens is detached."""
+    model = M.load(tiny_qwen[0], dtype=torch.float64)
+    adapter = make_adapter(model.config, "pte").double()
+    roll = generate(model, PROMPTS, CachePolicy("pte", P + W), MAX_NEW, adapter, 1.0, eos_ids=[], pad_id=0, generator=gen())
+    weights = torch.randn(roll.tokens.shape, generator=gen(1), dtype=torch.float64)
+    loss = lambda: (score(model, roll, CachePolicy("pte", P + W), adapter, 1.0) * weights).sum()  # noqa: E731
+    names = ["q_g", "W_Q", "W_K", "W_V", "k_g", "v_g"]
+    grads = torch.autograd.grad(loss(), [getattr(adapter, n) for n in names])
+    picks = torch.Generator().manual_seed(2)
+    for name, g in zip(names, grads):
+        p = getattr(adapter, name)
+        for _ in range(2):
+            i = tuple(int(torch.randint(0, n, (1,), generator=picks)) for n in p.shape)
+            with torch.no_grad():
+                p[i] += 1e-6
+                up = loss()
+                p[i] -= 2e-6
+                down = loss()
+                p[i] += 1e-6
+            assert g[i].item() == pytest.approx(((up - down) / 2e-6).item(), rel=1e-5, abs=1e-9), (name, i)
+        assert g.abs().sum() > 0, name
+
+
+def test_layer_forwards_per_score_and_backward(tiny):
+    """The cost the docstring states: each layer runs 3 forwards per piece (prompt and every segment) in one
+    score + backward (forward, segment recompute, layer recompute)."""
+    adapter = make_adapter(tiny.config, "pte")
+    roll = run(tiny, "pte", adapter)
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in tiny.layers]
+    try:
+        score(tiny, roll, CachePolicy("pte", P + W), adapter, 1.0).sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    T, ring = MAX_NEW - 1, rings(P + W)
+    bounds = sorted({0, T, *(t for w, m in ring for t in eviction_steps(T, w, m, "pte"))})
+    pieces = 1 + len({c for a, b in zip(bounds, bounds[1:]) for c in range(a, b, min(m for _, m in ring))})
+    assert len(calls) == 3 * tiny.config.n_layers * pieces

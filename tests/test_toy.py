@@ -112,7 +112,7 @@ def test_window_mask_reproduces_the_window_cache():
         h = model.hidden(torch.cat([prompt, trace[:, :-1]], 1), cache=MaskedForward(toy.window_mask(windowed)))
         logp = torch.log_softmax(model.lm_head(h[:, toy.PROMPT_LEN - 1:]), -1).gather(-1, trace[..., None])[..., 0]
         ro = Rollout(prompt, torch.full((B,), toy.PROMPT_LEN), trace, None, torch.ones_like(trace, dtype=torch.bool), None,
-                     list(range(8, toy.TRACE_LEN - 1, 2)))
+                     [list(range(8, toy.TRACE_LEN - 1, 2))] * B)
         for policy, rows in (("window", windowed), ("full", ~windowed)):
             ref = score(model, ro, CachePolicy(policy, toy.TOY_DEFAULTS["cache"]), use_checkpoint=False)
             torch.testing.assert_close(logp[rows], ref[rows], atol=1e-4, rtol=0)
