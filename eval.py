@@ -125,9 +125,8 @@ def with_adapter_defaults(args):
     args.policy = args.policy or meta.get("policy", "full")
     args.cache = args.cache or trained.get("cache", 1024)
     args.evict = args.evict or trained.get("evict", 0.25)
-    model = trained.get("model")
-    if model is not None and str(model) != args.model and not (Path(str(model)).is_dir() and Path(args.model).is_dir()
-                                                                and Path(str(model)).resolve() == Path(args.model).resolve()):
+    model = str(trained.get("model", args.model))
+    if model != args.model and not (Path(model).is_dir() and Path(model).resolve() == Path(args.model).resolve()):
         print(f"WARNING: the adapter {args.adapter} was trained on --model {model}, not {args.model}", file=sys.stderr)
     return args
 

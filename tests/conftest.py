@@ -81,7 +81,7 @@ def data_dir():
     """The folder of the benchmark JSONL files (math500.jsonl, math_train.jsonl, ...): $PTE_DATA; skipped where unset."""
     if not os.environ.get("PTE_DATA"):
         pytest.skip("benchmark data: set PTE_DATA to a folder of math500.jsonl, olympiadbench.jsonl, math_train.jsonl, ... "
-                    "(one {\"problem\", \"answer\"} object a line; data.py's KNOWN lists the Hugging Face sources)")
+                    "(one {\"problem\", \"answer\"} object a line: the README's Tests section says where ours come from)")
     folder = Path(os.environ["PTE_DATA"]).expanduser()
     if not folder.is_dir():
         pytest.fail(f"$PTE_DATA={folder} is not a folder")
