@@ -132,7 +132,7 @@ def parser():
       "math_train (MATH's training problems), also works offline from a local file")
     a("--data-dir", help="where names resolve: default $PTE_DATA, else data/")
     a("--eval-data", help="held-out problems from their own data set (its first --eval-size) instead of split off --data")
-    a("--eval-size", type=number(int, 0), help="held-out problems for --eval-every and the closing table (split off the training data)")
+    a("--eval-size", type=number(int, 0), help="held-out problems for --eval-every and the closing table (of --eval-data, else split off --data)")
     a("--eval-every", type=number(int, 0), help="steps between held-out accuracy checks (0: never)")
     a("--save-every", type=number(int, 1), help="steps between checkpoints")
     a("--out", help="run folder, new or empty (default runs/<model>-<policy>-<time>)")

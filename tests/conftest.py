@@ -78,13 +78,13 @@ def qwen_tokenizer_dir():
 
 @pytest.fixture(scope="session")
 def data_dir():
-    """The folder of the benchmark JSONL files (math500.jsonl, math_train.jsonl, ...): $PTE_DATA; skipped where unset."""
-    if not os.environ.get("PTE_DATA"):
-        pytest.skip("benchmark data: set PTE_DATA to a folder of math500.jsonl, olympiadbench.jsonl, math_train.jsonl, ... "
-                    "(one {\"problem\", \"answer\"} object a line: the README's Tests section says where ours come from)")
-    folder = Path(os.environ["PTE_DATA"]).expanduser()
-    if not folder.is_dir():
-        pytest.fail(f"$PTE_DATA={folder} is not a folder")
+    """The folder of the benchmark JSONL files (math500.jsonl, math_train.jsonl, ...): $PTE_DATA, else the repository's
+    data/ (where data.resolve_data looks too) when it holds them; skipped where neither does."""
+    folder = Path(os.environ.get("PTE_DATA") or ROOT / "data").expanduser()
+    if not (folder / "math500.jsonl").is_file():
+        pytest.skip(f"benchmark data not in {folder}: set PTE_DATA to a folder of math500.jsonl, olympiadbench.jsonl, "
+                    "math_train.jsonl, ... (one {\"problem\", \"answer\"} object a line; ours are the copies in "
+                    "github.com/agentica-project/rllm, rllm/data/{test,train}/math: see the README's Tests section)")
     return folder
 
 
