@@ -73,10 +73,12 @@ def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=No
 
 def table(results):
     """Markdown table of (bench, policy) summaries."""
-    head = "| bench | policy | n | skipped | k | avg@k | pass@k | mean length | truncated | evictions/sample | tokens/s |"
+    head = ("| bench | policy | n | skipped | k | avg@k | pass@k | mean length | truncated | evictions/sample "
+            "| tokens/s |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in results:
-        lines.append(f"| {r['bench']} | {r['policy']} | {r['n']} | {r['skipped']} | {r['samples']} | {100 * r['accuracy']:.1f} | "
+        lines.append(f"| {r['bench']} | {r['policy']} | {r['n']} | {r['skipped']} | {r['samples']} | "
+                     f"{100 * r['accuracy']:.1f} | "
                      f"{100 * r['pass_at_k']:.1f} | {r['mean_length']:.0f} | {100 * r['truncated']:.0f}% | "
                      f"{r['evictions_per_sample']:.1f} | {r['tokens_per_s']:.1f} |")
     return "\n".join(lines)
@@ -90,7 +92,8 @@ def parser():
     p.add_argument("--data-dir", help="where {name}.jsonl live (default: $PTE_DATA, else data/)")
     p.add_argument("--policy", help="comma-separated full|window|pte (default: the adapter's, else full)")
     p.add_argument("--cache", type=number(int, 1), help="cache budget in tokens: prompt + thought slots (default: the "
-                   f"adapter's, else 1024); a prompt that leaves fewer than {MIN_THOUGHT_SLOTS} thought slots is skipped and counted")
+                   f"adapter's, else 1024); a prompt that leaves fewer than {MIN_THOUGHT_SLOTS} thought slots is "
+                   "skipped and counted")
     p.add_argument("--evict", type=number(float, 0, 1, above=True),
                    help="share of the thought window evicted at a time (default: the adapter's, else 0.25)")
     p.add_argument("--max-new", type=number(int, 1), default=3072)
@@ -147,7 +150,8 @@ def run(args, argv):
     for name, problems in benches.items():
         benches[name], _, skipped[name] = data.encode_prompts(problems, tokenizer, family, budget)
         if not benches[name]:
-            raise ValueError(f"{name}: every prompt leaves fewer than {MIN_THOUGHT_SLOTS} thought slots at --cache {args.cache}")
+            raise ValueError(f"{name}: every prompt leaves fewer than {MIN_THOUGHT_SLOTS} thought slots at "
+                             f"--cache {args.cache}")
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     net = models.load(args.model, None if args.dtype == "auto" else getattr(torch, args.dtype), device)
     adapter = load_adapter(args.adapter, net.config, device) if args.adapter else None

@@ -47,7 +47,8 @@ PAPER_DEFAULTS = dict(policy="pte", cache=1024, evict=0.25, rank=32, globals=32,
                       max_new=3072, group=8, prompts_per_step=64, steps=200, temperature=1.0, beta=0.0, loss="token-mean",
                       micro_batch=8, eval_every=50, eval_size=64, save_every=25, data="math_train")
 SHAPE_KEYS = ("model", "policy", "rank", "globals", "targets")  # a checkpoint must agree on these to be resumed
-SAFE_ON_RESUME = ("steps", "save_every", "eval_every", "log_samples_every", "micro_batch", "threads", "device", "data_dir")
+SAFE_ON_RESUME = ("steps", "save_every", "eval_every", "log_samples_every", "micro_batch", "threads", "device",
+                  "data_dir")  # how long, how often, on what: not what the run computes
 NOT_SETTINGS = ("resume", "out")  # where the run lives, not how it runs
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -131,8 +132,9 @@ def parser():
       "The paper trained on DAPO-Math-17K (--data dapo-math-17k, fetched once from the Hugging Face hub); our default, "
       "math_train (MATH's training problems), also works offline from a local file")
     a("--data-dir", help="where names resolve: default $PTE_DATA, else data/")
-    a("--eval-data", help="held-out problems from their own data set (its first --eval-size) instead of split off --data")
-    a("--eval-size", type=number(int, 0), help="held-out problems for --eval-every and the closing table (of --eval-data, else split off --data)")
+    a("--eval-data", help="held-out problems from a data set of their own (its first --eval-size), "
+      "not split off --data")
+    a("--eval-size", type=number(int, 0), help="held-out problems for --eval-every and the closing table")
     a("--eval-every", type=number(int, 0), help="steps between held-out accuracy checks (0: never)")
     a("--save-every", type=number(int, 1), help="steps between checkpoints")
     a("--out", help="run folder, new or empty (default runs/<model>-<policy>-<time>)")
@@ -142,7 +144,8 @@ def parser():
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="base model dtype (auto: checkpoint's on GPU, fp32 on CPU)")
     a("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     a("--threads", type=number(int, 1), help="CPU threads (torch.set_num_threads)")
-    a("--log-samples-every", type=number(int, 0), default=10, help="steps between sample completions written to samples.jsonl")
+    a("--log-samples-every", type=number(int, 0), default=10,
+      help="steps between sample completions written to samples.jsonl")
     return p, builtin
 
 
@@ -170,10 +173,11 @@ def resumed_settings(p, run: Path, given):
     if "out" in given:
         p.error(f"--out with --resume: the run continues in its own folder {run}")
     changed = {k: v for k, v in given.items() if k in settings and settings[k] != v}
-    refused = [f"--{k.replace('_', '-')} {v} (the run has {settings[k]})" for k, v in changed.items() if k not in SAFE_ON_RESUME]
+    refused = [f"--{k.replace('_', '-')} {v} (the run has {settings[k]})" for k, v in changed.items()
+               if k not in SAFE_ON_RESUME]
     if refused:
-        p.error(f"--resume {run}: these flags would change the run: {'; '.join(refused)}. Drop them to continue it as it "
-                f"was, or start a new run with --out (only {', '.join(SAFE_ON_RESUME)} may change on resume)")
+        p.error(f"--resume {run}: these flags would change the run: {'; '.join(refused)}. Drop them to continue it "
+                f"as it was, or start a new run with --out (only {', '.join(SAFE_ON_RESUME)} may change on resume)")
     resumed = settings.get("resumed", []) + [dict(changed={k: [settings[k], v] for k, v in changed.items()})]
     return {**settings, **changed, "resumed": resumed}
 
@@ -188,7 +192,8 @@ def parse_args(argv=None):
         defaults = resumed_settings(p, Path(args.resume), given)
     else:
         if args.out and is_run(Path(args.out)):
-            p.error(f"--out {args.out} holds a run already: continue it with --resume {args.out}, or name another --out")
+            p.error(f"--out {args.out} holds a run already: continue it with --resume {args.out}, "
+                    "or name another --out")
         defaults = {**builtin, **PAPER_DEFAULTS, **model_defaults(p, args.model or builtin["model"])}
     for k, v in defaults.items():
         if k in vars(args) and k not in NOT_SETTINGS and getattr(args, k) is None:
@@ -448,7 +453,8 @@ def train(args, stop):
     train_set, train_ids, set_aside = data.encode_prompts(train_set, tokenizer, family, budget)
     held_out, _, held_out_set_aside = data.encode_prompts(held_out, tokenizer, family, budget)
     if not train_set:
-        raise ValueError(f"--cache {args.cache}: every training prompt leaves fewer than {MIN_THOUGHT_SLOTS} thought slots")
+        raise ValueError(f"--cache {args.cache}: every training prompt leaves fewer than {MIN_THOUGHT_SLOTS} "
+                         "thought slots")
     train_set = [dict(p, prompt_ids=ids) for p, ids in zip(train_set, train_ids)]
     dtype = dict(auto=None, bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[args.dtype]
     model = load(args.model, dtype=dtype, device=device)
@@ -479,8 +485,8 @@ def train(args, stop):
         out.mkdir(parents=True, exist_ok=True)
         (out / "settings.json.tmp").write_text(json.dumps(settings, indent=1))
         os.replace(out / "settings.json.tmp", out / "settings.json")
-        aside = (f" ({set_aside} set aside: prompt leaves fewer than {MIN_THOUGHT_SLOTS} thought slots at cache {args.cache})"
-                 if set_aside or held_out_set_aside else "")
+        aside = (f" ({set_aside} set aside: prompt leaves fewer than {MIN_THOUGHT_SLOTS} thought slots at cache "
+                 f"{args.cache})" if set_aside or held_out_set_aside else "")
         print(f"{args.model}: {sum(p.numel() for p in trainable(adapter)):,} trainable parameters ({mode} adapter), "
               f"policy {args.policy}, cache {args.cache}, {len(train_set)} training problems{aside}, "
               f"{len(held_out)} held out{f' ({held_out_set_aside} set aside)' if held_out_set_aside else ''}, "
@@ -568,13 +574,17 @@ def main(argv=None):
         except Stop as e:
             signum = e.args[0]
             if "on_stop" not in stop:
-                print(f"\n{signal.Signals(signum).name}: stopped before the first step: nothing to save", file=sys.stderr)
+                print(f"\n{signal.Signals(signum).name}: stopped before the first step: nothing to save",
+                      file=sys.stderr)
             else:
                 stop["committing"] = True  # a second signal must not tear the checkpoint
                 out, done = stop["on_stop"]()
+                world = int(os.environ.get("WORLD_SIZE", 1))
+                launcher = "python" if world == 1 else f"torchrun --nproc_per_node {world}"
                 if int(os.environ.get("RANK", 0)) == 0:
-                    print(f"\n{signal.Signals(signum).name}: stopped; the checkpoint of step {done} is in {out / f'step-{done:06d}'}. "
-                          f"Continue with:\n  python train.py --resume {shlex.quote(str(out))}", file=sys.stderr)
+                    print(f"\n{signal.Signals(signum).name}: stopped; the checkpoint of step {done} is in "
+                          f"{out / f'step-{done:06d}'}. Continue with:\n"
+                          f"  {launcher} train.py --resume {shlex.quote(str(out))}", file=sys.stderr)
             raise SystemExit(128 + signum) from None
 
 

@@ -1,6 +1,6 @@
-"""Shared fixtures: tiny random checkpoints saved by transformers; the real SmolLM2 folder, the Qwen2.5 tokenizer and the
-benchmark data, found through environment variables (PTE_SMOLLM2, PTE_QWEN_TOKENIZER, PTE_DATA) or the Hugging Face
-cache and skipped with the way to get them where absent (.ci/run points the variables at ../shared)."""
+"""Shared fixtures: tiny random checkpoints saved by transformers; the real SmolLM2 folder, the Qwen2.5 tokenizer and
+the benchmark data, found through environment variables (PTE_SMOLLM2, PTE_QWEN_TOKENIZER, PTE_DATA) or the Hugging
+Face cache and skipped with the way to get them where absent (.ci/run points the variables at ../shared)."""
 import os
 import sys
 from pathlib import Path
@@ -40,8 +40,10 @@ def hub_snapshot(repo_glob, *files):
     """The newest folder of the local Hugging Face cache (HF_HUB_CACHE, else $HF_HOME/hub) that holds `files`
     among the snapshots of the repos matching `repo_glob` (e.g. Qwen/Qwen2.5-*-Instruct); None when there is none.
     Never downloads: tests do not touch the network."""
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub")
-    found = [s for s in hub.glob(f"models--{repo_glob.replace('/', '--')}/snapshots/*") if all((s / f).is_file() for f in files)]
+    home = Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
+    hub = Path(os.environ.get("HF_HUB_CACHE") or home / "hub")
+    snapshots = hub.glob(f"models--{repo_glob.replace('/', '--')}/snapshots/*")
+    found = [s for s in snapshots if all((s / f).is_file() for f in files)]
     return max(found, key=os.path.getmtime) if found else None
 
 
@@ -63,7 +65,8 @@ def folder_from(variable, repo_glob, files, how):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct: $PTE_SMOLLM2, else the Hugging Face cache; skipped where absent."""
-    return folder_from("PTE_SMOLLM2", "HuggingFaceTB/SmolLM2-135M-Instruct", ("config.json", "model.safetensors", "tokenizer.json"),
+    return folder_from("PTE_SMOLLM2", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                       ("config.json", "model.safetensors", "tokenizer.json"),
                        "pip install huggingface_hub && huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
