@@ -293,7 +293,8 @@ def test_prompts_that_leave_too_few_thought_slots_are_set_aside():
 
 def test_a_word_outside_the_toys_vocabulary_is_named():
     import toy
-    problems = [dict(id="a", problem="<bos> 1 2 <sep>", answer="3"), dict(id="b", problem="<bos> 1 seven 2 eight <sep>", answer="0")]
+    problems = [dict(id="a", problem="<bos> 1 2 <sep>", answer="3"),
+                dict(id="b", problem="<bos> 1 seven 2 eight <sep>", answer="0")]
     with pytest.raises(ValueError, match="problem 'b': word.s. 'seven', 'eight' outside the tokenizer's vocabulary"):
         data.encode_prompts(problems, toy.make_tokenizer(), None)
 
@@ -312,7 +313,8 @@ def test_real_data_at_cache_1024(name, set_aside, data_dir, qwen_tokenizer_dir):
                for p in problems}
     too_long = {i for i, n in lengths.items() if n > 1020}
     assert n_set_aside == len(too_long) == set_aside and len(kept) == len(problems) - set_aside
-    assert {p["id"] for p in kept} == set(lengths) - too_long and [len(i) for i in ids] == [lengths[p["id"]] for p in kept]
+    assert {p["id"] for p in kept} == set(lengths) - too_long
+    assert [len(i) for i in ids] == [lengths[p["id"]] for p in kept]
     if name == "math_train":
         assert max(lengths.values()) == 1698
 
