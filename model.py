@@ -169,7 +169,7 @@ def attend_one(q, k, v, mask):
     B, H, _, D = q.shape
     q = q.reshape(B, k.shape[1], H // k.shape[1], D) * D ** -0.5  # (B, Hkv, G, D)
     scores = (k @ q.transpose(-1, -2)).transpose(-1, -2) + mask  # (B, Hkv, G, S)
-    return (torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype) @ v).view(B, H, 1, D)  # fp32 like SDPA's
+    return (torch.softmax(wide(scores), -1).to(v.dtype) @ v).view(B, H, 1, D)  # at least fp32, like SDPA's
 
 
 def attend_masked(q, k, v, mask, expand=None):

@@ -120,6 +120,8 @@ def parser():
     a("--group", type=number(int, 1), help="rollouts per prompt G")
     a("--prompts-per-step", type=number(int, 1), help="prompts per step, over all ranks")
     a("--micro-batch", type=number(int, 1), help="rollout rows per score/backward pass (gradient accumulation)")
+    a("--epochs", type=number(int, 1), default=1, help="PPO updates per batch, each an optimizer step over all its "
+      "rollouts (1: the ratio is exactly 1 and the clip is inert)")
     a("--steps", type=number(int, 1), help="optimizer steps")
     a("--temperature", type=number(float, 0), help="sampling temperature of the rollouts")
     a("--top-p", type=number(float, 0, 1, above=True), default=1.0, help="nucleus sampling of the rollouts")
@@ -234,20 +236,26 @@ def step_prompts(problems, step, args, rank, world):
 # ---------------------------------------------------------------------------------------------------- one step
 
 def take(ro: Rollout, rows):
-    return Rollout(ro.prompts[rows], ro.prompt_lens[rows], ro.tokens[rows], ro.logprobs[rows], ro.mask[rows],
-                   ro.truncated[rows], [ro.evictions[i] for i in rows.tolist()], ro.stats)
+    """The rollout's rows, trimmed to their own longest prompt and completion: less padding to replay (each row's
+    window depends on its own prompt only, so the trim changes no value)."""
+    P, T = int(ro.prompt_lens[rows].max()), int(ro.mask[rows].sum(1).max())
+    return Rollout(ro.prompts[rows, ro.prompts.shape[1] - P:], ro.prompt_lens[rows], ro.tokens[rows, :T],
+                   ro.logprobs[rows, :T], ro.mask[rows, :T], ro.truncated[rows], [ro.evictions[i] for i in rows.tolist()],
+                   ro.stats)
 
 
 class Objective(nn.Module):
     """What DistributedDataParallel wraps: the adapter (the only trainable parameters) and the loss of a
     micro-batch. The frozen model is kept out of the module tree so that DDP neither syncs nor broadcasts it."""
 
-    def __init__(self, model, adapter, args, policy):
+    def __init__(self, model, adapter, args, policy, ref_policy):
         super().__init__()
-        self.adapter, self.args, self.policy = adapter, args, policy
+        self.adapter, self.args, self.policy, self.ref_policy = adapter, args, policy, ref_policy
         object.__setattr__(self, "model", model)
 
-    def forward(self, ro, adv, ref_logp, n_rows, n_tokens):
+    def forward(self, ro, adv, old_logp, n_rows, n_tokens):
+        """(loss, stats, the learner's detached log-probs (b, T) or None). old_logp None: this is the batch's first
+        pass, and the PPO "old" log-probs are the learner's own replay (ratio exactly 1 in any dtype), not generate's."""
         a = self.args
         if a.objective == "distill":  # forward KL(full-cache base || cache-constrained policy) per token
             with torch.no_grad():  # the teacher's (b, T, V) log-probs, one micro-batch at a time
@@ -256,39 +264,56 @@ class Objective(nn.Module):
             per_token = score(self.model, ro, self.policy, self.adapter, truncate=a.truncate, token_fn=lambda logits, _, span: (
                 teacher[:, span[0]:span[1]].exp() * (teacher[:, span[0]:span[1]] - torch.log_softmax(logits.float(), -1))).sum(-1))
             loss = torch.where(ro.mask, per_token, 0).sum() / n_tokens
-            return loss, dict(kl=loss.item() * n_tokens / max(int(ro.mask.sum()), 1), clip_frac=0.0)
+            return loss, dict(kl=loss.item() * n_tokens / max(int(ro.mask.sum()), 1), clip_frac=0.0), None
+        ref_logp = None
+        if a.beta > 0:  # the base model (adapter off) under the same cache, this micro-batch only: (b, T)
+            with torch.no_grad():
+                ref_logp = score(self.model, ro, self.ref_policy, None, a.temperature)
         logp = score(self.model, ro, self.policy, self.adapter, a.temperature, truncate=a.truncate)  # (b, T)
-        return grpo_loss(logp, ro.logprobs, adv, ro.mask, ref_logp, a.beta, how=a.loss, max_new=a.max_new, n_rows=n_rows, n_tokens=n_tokens)
+        old = logp.detach() if old_logp is None else old_logp
+        loss, stats = grpo_loss(logp, old, adv, ro.mask, ref_logp, a.beta, how=a.loss, max_new=a.max_new, n_rows=n_rows,
+                                n_tokens=n_tokens)
+        return loss, stats, logp.detach()
 
 
-def update(objective, optimizer, ro, adv, ref_logp, args, world):
-    """One optimizer step on a rank's rollouts, micro-batched; the normalisers count all ranks' rows and tokens,
-    and DDP averages the gradients, hence the factor `world`. --truncate accumulates each parameter's gradient
-    once per segment, which DDP's hooks refuse: there the gradients are summed by hand after the last micro-batch."""
+def update(objective, optimizer, ro, adv, args, world):
+    """--epochs optimizer steps on a rank's rollouts (PPO updates per batch), micro-batched; the normalisers count
+    all ranks' rows and tokens, and DDP averages the gradients, hence the factor `world`. --truncate accumulates
+    each parameter's gradient once per segment, which DDP's hooks refuse: there they are summed by hand.
+    The first pass's log-probs are the "old" ones of every later epoch, and their distance to generate's is the
+    sampler-learner gap (mean and max |delta log p| over the completion tokens)."""
     counts = torch.tensor([ro.mask.shape[0], ro.mask.sum()], dtype=torch.float64, device=ro.mask.device)
     if world > 1:
         dist.all_reduce(counts)
     n_rows, n_tokens = counts.tolist()
     chunks = torch.arange(ro.mask.shape[0], device=ro.mask.device).split(args.micro_batch)
-    stats = []
-    for i, rows in enumerate(chunks):
-        sync = nullcontext() if world == 1 or (i == len(chunks) - 1 and not args.truncate) else objective.no_sync()
-        with sync:
-            loss, s = objective(take(ro, rows), adv[rows], None if ref_logp is None else ref_logp[rows], n_rows, n_tokens)
-            (loss * world).backward()
-        stats.append(dict(s, loss=loss.item(), rows=len(rows)))
     params = trainable(objective.module.adapter if world > 1 else objective.adapter)
-    if world > 1 and args.truncate:
-        for p in params:
-            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-            dist.all_reduce(p.grad)
-            p.grad /= world
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    old, gaps, stats, norms = [None] * len(chunks), [], [], []
+    for epoch in range(args.epochs):
+        for i, rows in enumerate(chunks):
+            part = take(ro, rows)
+            sync = nullcontext() if world == 1 or (i == len(chunks) - 1 and not args.truncate) else objective.no_sync()
+            with sync:
+                loss, s, logp = objective(part, adv[rows], old[i], n_rows, n_tokens)
+                (loss * world).backward()
+            if epoch == 0 and logp is not None:
+                old[i] = logp
+                gaps.append((logp - part.logprobs).abs()[part.mask])  # (tokens,)
+            stats.append(dict(s, loss=loss.item(), rows=len(rows)))
+        if world > 1 and args.truncate:
+            for p in params:
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     total = sum(s["rows"] for s in stats)
     out = {k: sum(s[k] * s["rows"] for s in stats) / total for k in ("kl", "clip_frac")}
-    return dict(out, loss=sum(s["loss"] for s in stats), grad_norm=grad_norm)
+    gap = torch.cat(gaps) if gaps else None
+    return dict(out, loss=sum(s["loss"] for s in stats) / args.epochs, grad_norm=sum(norms) / len(norms),
+                sampler_gap_mean=gap.mean().item() if gap is not None and gap.numel() else None,
+                sampler_gap_max=gap.max().item() if gap is not None and gap.numel() else None)
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -478,7 +503,7 @@ def train(args, stop):
         if rank == 0:  # drop what was logged after the checkpoint: those steps run again
             trim_log(out / "metrics.jsonl", start)
             trim_log(out / "samples.jsonl", start)
-    objective = Objective(model, adapter, args, cache_policy)
+    objective = Objective(model, adapter, args, cache_policy, ref_policy)
     if world > 1:
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
@@ -516,9 +541,7 @@ def train(args, stop):
         texts = [tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(ro.tokens, ro.mask)]
         rewards = torch.tensor([grade.score(t, p["answer"]) for t, p in zip(texts, (p for p in problems for _ in range(args.group)))], device=device)
         adv = group_advantages(rewards, args.group, std_norm=not args.no_std) if args.objective == "grpo" else rewards
-        with torch.no_grad():
-            ref_logp = score(model, ro, ref_policy, None, args.temperature) if args.beta > 0 and args.objective == "grpo" else None
-        stats = update(objective, optimizer, ro, adv, ref_logp, args, world)
+        stats = update(objective, optimizer, ro, adv, args, world)
         lengths = ro.mask.sum(1).float()
         metrics = dict(step=step + 1, reward=rewards.mean().item(), accuracy=rewards.mean().item(),
                        zero_std_groups=(rewards.view(-1, args.group).amax(1) == rewards.view(-1, args.group).amin(1)).float().mean().item(),

@@ -1,0 +1,78 @@
+"""train.py's training step (`update`, `Objective`, `take`) on the toy and a tiny random Qwen2: the clip norm applied as
+given, the PPO "old" log-probs from the learner's own replay, --epochs, and micro-batches trimmed without changing a value."""
+import pytest
+import torch
+
+import train
+from encoder import Adapter, AdapterConfig, trainable
+from model import load
+from rollout import CachePolicy, generate, score
+from test_rollout import P, W, early_stopping_eos, make_adapter, run, tiny  # noqa: F401 (tiny: a fixture)
+from toy import make_problems, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def toy_step():
+    """(model, adapter with random B, a pte rollout of 8 toy problems, random advantages)."""
+    model = load("toy")
+    torch.manual_seed(0)
+    adapter = Adapter(model.config, AdapterConfig("pte", rank=4, alpha=4.0, n_globals=4, targets=("o",)))
+    with torch.no_grad():
+        for b in adapter.B.values():
+            b.normal_(0, 0.3)
+    tok = make_tokenizer()
+    prompts = [tok.encode(p["problem"], add_special_tokens=False).ids for p in make_problems(8, seed=5)]
+    ro = generate(model, prompts, CachePolicy("pte", 27), 24, adapter, 1.0, generator=torch.Generator().manual_seed(0))
+    return model, adapter, ro, torch.randn(8, generator=torch.Generator().manual_seed(1))
+
+
+def step(toy_step, optimizer_of, *flags):
+    model, adapter, ro, adv = toy_step
+    args = train.parse_args(["--model", "toy", "--micro-batch", "3", *flags])
+    state = {k: v.clone() for k, v in adapter.state_dict().items()}
+    objective = train.Objective(model, adapter, args, CachePolicy("pte", 27), CachePolicy("window", 27))
+    optimizer = optimizer_of(trainable(adapter))
+    stats = train.update(objective, optimizer, ro, adv, args, world=1)
+    moved = {k: adapter.state_dict()[k] - v for k, v in state.items()}
+    adapter.load_state_dict(state)
+    return stats, moved, optimizer
+
+
+def test_grad_clip_is_applied_as_given(toy_step):
+    """SGD at lr 1 moves the parameters by exactly the clipped gradient: its norm is --grad-clip."""
+    stats, moved, _ = step(toy_step, lambda p: torch.optim.SGD(p, lr=1.0), "--grad-clip", "1e-4")
+    assert stats["grad_norm"] > 1e-3  # the norm before clipping is logged
+    assert torch.cat([d.flatten() for d in moved.values()]).norm().item() == pytest.approx(1e-4, rel=1e-4)
+
+
+def test_old_logprobs_are_the_learners_replay(toy_step):
+    """generate's log-probs 0.3 nats off (a sampler-learner gap, as bf16 gives): the ratio is still exactly 1, so
+    no token is clipped and the token-mean loss is -sum(A over tokens) / tokens; the gap is logged."""
+    model, adapter, ro, adv = toy_step
+    shifted = (model, adapter, train.Rollout(**{**vars(ro), "logprobs": ro.logprobs + 0.3}), adv)
+    stats, _, _ = step(shifted, lambda p: torch.optim.SGD(p, lr=0.0), "--beta", "0")
+    assert stats["clip_frac"] == 0
+    assert stats["loss"] == pytest.approx(-(adv[:, None] * ro.mask).sum().item() / ro.mask.sum().item(), rel=1e-5)
+    assert stats["sampler_gap_mean"] == pytest.approx(0.3, abs=1e-4) and stats["sampler_gap_max"] == pytest.approx(0.3, abs=1e-4)
+
+
+def test_epochs_take_that_many_steps_against_the_first_replay(toy_step):
+    """--epochs 2: two optimizer steps; the second epoch's ratio moves away from 1 and a large step gets clipped."""
+    _, _, optimizer = step(toy_step, lambda p: torch.optim.Adam(p, lr=0.05), "--epochs", "2")
+    assert {int(s["step"]) for s in optimizer.state.values()} == {2}
+    stats, _, _ = step(toy_step, lambda p: torch.optim.Adam(p, lr=0.5), "--epochs", "2")
+    assert stats["clip_frac"] > 0
+
+
+def test_micro_batches_trimmed_to_their_rows_score_the_same(tiny):
+    """take() cuts a micro-batch to its own longest prompt and completion; with per-row windows that changes no
+    value: a short-prompt row that stopped early scores as it does in the whole batch."""
+    adapter = make_adapter(tiny.config, "pte")
+    roll = run(tiny, "pte", adapter, eos_ids=[early_stopping_eos(tiny, "pte", adapter, 1.0)])
+    row = 1 + int(roll.mask[1:].sum(1).argmin())  # prompt of 5 or 3 tokens
+    part = train.take(roll, torch.tensor([row]))
+    assert part.prompts.shape[1] < P and part.tokens.shape[1] == int(roll.mask[row].sum()) < roll.tokens.shape[1]
+    with torch.no_grad():
+        whole = score(tiny, roll, CachePolicy("pte", P + W), adapter, 1.0)[row:row + 1, :part.tokens.shape[1]]
+        trimmed = score(tiny, part, CachePolicy("pte", P + W), adapter, 1.0)
+    assert (whole - trimmed)[part.mask].abs().max() < 1e-5
