@@ -404,7 +404,8 @@ def stop_on_signals(raise_at_once):
         if raise_at_once and not request["committing"]:
             raise Stop(signum)
     main_thread = threading.current_thread() is threading.main_thread()  # handlers can only be set there
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)
+                if main_thread and signal.getsignal(sig) is not signal.SIG_IGN}  # an ignored signal stays ignored
     try:
         yield request
     finally:

@@ -154,14 +154,18 @@ def test_ctrl_c_keeps_every_completed_step(tmp_path, monkeypatch, capsys, when, 
         return stats
     monkeypatch.setattr(train, "update", update)
     run = tmp_path / "run"
-    with pytest.raises(SystemExit) as e:
-        train.main(FAST + ["--steps", "5", "--save-every", "10", "--out", str(run)])
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job starts with SIGINT ignored
+    try:
+        with pytest.raises(SystemExit) as e:
+            train.main(FAST + ["--steps", "5", "--save-every", "10", "--out", str(run)])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     assert e.value.code == 130
     assert (run / "latest").read_text() == f"step-{kept:06d}"
     assert logged_steps(run) == list(range(1, kept + 1))
     err = capsys.readouterr().err
     assert f"SIGINT: stopped; the checkpoint of step {kept} is in" in err and f"python train.py --resume {run}\n" in err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
     monkeypatch.setattr(train, "update", real_update)
     train.main(["--resume", str(run), "--steps", str(kept + 1)])
     assert logged_steps(run) == list(range(1, kept + 2))
