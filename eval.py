@@ -30,7 +30,33 @@ import model as models
 import rollout
 from cache import MIN_THOUGHT_SLOTS
 from encoder import load_adapter
-from train import device_name, number
+
+def number(kind, low, high=None, above=False):
+    """An argparse type: a `kind` at least `low` (more than `low` if `above`) and at most `high`."""
+    def parse(text):
+        value = kind(text)  # ValueError: argparse says "invalid int value"
+        if not (value > low if above else value >= low) or (high is not None and not value <= high):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low}"
+                                             f"{'' if high is None else f' and <= {high}'}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def device_name(text):
+    """An argparse type: auto, cpu, cuda or cuda:N, checked against this machine."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine")
+    return text
+
 
 def summarize(records, samples, tokens_per_s):
     """Per-sample records in problem order (`samples` consecutive rows a problem) -> the summary dict."""

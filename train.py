@@ -38,6 +38,7 @@ from tqdm import tqdm
 import data
 import grade
 from encoder import Adapter, AdapterConfig, load_adapter, save_adapter, trainable
+from eval import device_name, evaluate, number
 from grpo import group_advantages, grpo_loss
 from cache import MIN_THOUGHT_SLOTS
 from model import load, load_tokenizer, resolve
@@ -51,33 +52,6 @@ SAFE_ON_RESUME = ("steps", "save_every", "eval_every", "log_samples_every", "mic
                   "data_dir")  # how long, how often, on what: not what the run computes
 NOT_SETTINGS = ("resume", "out")  # where the run lives, not how it runs
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-def number(kind, low, high=None, above=False):
-    """An argparse type: a `kind` at least `low` (more than `low` if `above`) and at most `high`."""
-    def parse(text):
-        value = kind(text)  # ValueError: argparse says "invalid int value"
-        if not (value > low if above else value >= low) or (high is not None and not value <= high):
-            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low}"
-                                             f"{'' if high is None else f' and <= {high}'}, got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def device_name(text):
-    """An argparse type: auto, cpu, cuda or cuda:N, checked against this machine."""
-    if text == "auto":
-        return text
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine")
-    return text
 
 
 def target_names(text):
@@ -447,7 +421,6 @@ def peak_memory_gb(device):
 
 
 def held_out_table(model, tokenizer, problems, family, adapter, cache_policy, args):
-    from eval import evaluate
     rows = [("base, full cache", None, CachePolicy("full", args.cache, args.evict))]
     if cache_policy.policy != "full":
         rows.append((f"base, {'window' if cache_policy.policy == 'pte' else cache_policy.policy}", None,
@@ -572,7 +545,6 @@ def train(args, stop):
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_checkpoint(out, step + 1, adapter, optimizer, settings)
         if args.eval_every and (step + 1) % args.eval_every == 0 and held_out:
-            from eval import evaluate
             summary, _ = evaluate(model, tokenizer, held_out, cache_policy, adapter=adapter, family=family, max_new=args.max_new,
                                   batch_size=max(args.micro_batch, 16), progress=False)
             tqdm.write(f"step {step + 1}: held-out accuracy {summary['accuracy']:.3f} ({len(held_out)} problems)")
