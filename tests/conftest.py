@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random checkpoints saved by transformers; the real SmolLM2 folder, the Qwen2.5 tokenizer and
 the benchmark data, found through environment variables (PTE_SMOLLM2, PTE_QWEN_TOKENIZER, PTE_DATA) or the Hugging
-Face cache and skipped with the way to get them where absent (.ci/run points the variables at ../shared)."""
+Face cache and skipped with the way to get them where absent (.ci/run sets the variables)."""
 import os
 import sys
 from pathlib import Path
@@ -62,21 +62,24 @@ def folder_from(variable, repo_glob, files, how):
     return folder
 
 
+SMOLLM2 = ("PTE_SMOLLM2", "HuggingFaceTB/SmolLM2-135M-Instruct", ("config.json", "model.safetensors", "tokenizer.json"),
+           "pip install huggingface_hub && huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct")
+QWEN_TOKENIZER = ("PTE_QWEN_TOKENIZER", "Qwen/Qwen2.5-*-Instruct", ("tokenizer.json", "tokenizer_config.json"),
+                  "pip install huggingface_hub && huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct "
+                  "tokenizer.json tokenizer_config.json")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct: $PTE_SMOLLM2, else the Hugging Face cache; skipped where absent."""
-    return folder_from("PTE_SMOLLM2", "HuggingFaceTB/SmolLM2-135M-Instruct",
-                       ("config.json", "model.safetensors", "tokenizer.json"),
-                       "pip install huggingface_hub && huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct")
+    return folder_from(*SMOLLM2)
 
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir():
     """A folder with the Qwen2.5 tokenizer.json and tokenizer_config.json (chat template): $PTE_QWEN_TOKENIZER, else
     any Qwen2.5 Instruct model in the Hugging Face cache; skipped where absent."""
-    return folder_from("PTE_QWEN_TOKENIZER", "Qwen/Qwen2.5-*-Instruct", ("tokenizer.json", "tokenizer_config.json"),
-                       "pip install huggingface_hub && huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct "
-                       "tokenizer.json tokenizer_config.json")
+    return folder_from(*QWEN_TOKENIZER)
 
 
 @pytest.fixture(scope="session")

@@ -407,3 +407,33 @@ def test_fetch_csv_drops_aime2024_repeats_and_unusable_rows(tmp_path, monkeypatc
     fake_hub(monkeypatch, {("di-zhang-fdu/AIME_1983_2024", "AIME_Dataset_1983_2024.csv"): hub})
     assert read_problems(resolve_data("aime_train", tmp_path)) == [
         {"id": "1983-1", "problem": "First question", "answer": "60"}]
+
+
+# --- a fresh clone: the tests find what they need through the environment, or say how to get it ----------------------
+
+def test_tests_read_no_path_of_this_machine():
+    marks = ["/" + "work/", "/" + "root/", "../" + "shared", '"' + 'shared"', "smollm2-135m-" + "instruct"]
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert not [m for m in marks if m in text], f"{path.name} reads a path of this machine: use conftest's fixtures"
+
+
+@pytest.mark.parametrize("what", ["SMOLLM2", "QWEN_TOKENIZER"])
+def test_a_missing_folder_skips_saying_how_to_get_it(what, monkeypatch, tmp_path):
+    import conftest
+    variable, repo, files, how = getattr(conftest, what)
+    monkeypatch.delenv(variable, raising=False)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty Hugging Face cache
+    with pytest.raises(pytest.skip.Exception) as skip:
+        conftest.folder_from(variable, repo, files, how)
+    assert f"huggingface-cli download {repo.replace('*', '0.5B')}" in str(skip.value)
+    assert f"or set {variable} to a folder holding {', '.join(files)}" in str(skip.value)
+    snapshot = tmp_path / "hub" / f"models--{repo.replace('*', '0.5B').replace('/', '--')}" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    for name in files:
+        (snapshot / name).write_text("{}")
+    assert conftest.folder_from(variable, repo, files, how) == snapshot  # found in the cache
+    monkeypatch.setenv(variable, str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match=f"{variable}={tmp_path} lacks {files[0]}"):
+        conftest.folder_from(variable, repo, files, how)
