@@ -164,8 +164,8 @@ def parse_args(argv=None):
     p, builtin = parser()
     args = p.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
-    if args.resume:
-        defaults = resumed_settings(p, Path(args.resume), given)
+    if args.resume:  # a flag newer than the run keeps its built-in default
+        defaults = {**builtin, **resumed_settings(p, Path(args.resume), given)}
     else:
         if args.out and is_run(Path(args.out)):
             p.error(f"--out {args.out} holds a run already: continue it with --resume {args.out}, "
