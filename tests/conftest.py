@@ -38,7 +38,7 @@ def tiny_qwen(tmp_path_factory):
 
 def hub_snapshot(repo_glob, *files):
     """The newest folder of the local Hugging Face cache (HF_HUB_CACHE, else $HF_HOME/hub) that holds `files`
-    among the snapshots of the repos matching `repo_glob` (e.g. Qwen/Qwen2.5-*-Instruct); None when there is none.
+    among the snapshots of the repos matching `repo_glob` (e.g. Qwen/Qwen2.5-[0-9]*B-Instruct); None when there is none.
     Never downloads: tests do not touch the network."""
     home = Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
     hub = Path(os.environ.get("HF_HUB_CACHE") or home / "hub")
@@ -64,7 +64,8 @@ def folder_from(variable, repo_glob, files, how):
 
 SMOLLM2 = ("PTE_SMOLLM2", "HuggingFaceTB/SmolLM2-135M-Instruct", ("config.json", "model.safetensors", "tokenizer.json"),
            "pip install huggingface_hub && huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct")
-QWEN_TOKENIZER = ("PTE_QWEN_TOKENIZER", "Qwen/Qwen2.5-*-Instruct", ("tokenizer.json", "tokenizer_config.json"),
+QWEN_TOKENIZER = ("PTE_QWEN_TOKENIZER", "Qwen/Qwen2.5-[0-9]*B-Instruct",  # not -Math- or -Coder-: other templates
+                  ("tokenizer.json", "tokenizer_config.json"),
                   "pip install huggingface_hub && huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct "
                   "tokenizer.json tokenizer_config.json")
 

@@ -418,8 +418,9 @@ def test_tests_read_no_path_of_this_machine():
         assert not [m for m in marks if m in text], f"{path.name} reads a path of this machine: use conftest's fixtures"
 
 
-@pytest.mark.parametrize("what", ["SMOLLM2", "QWEN_TOKENIZER"])
-def test_a_missing_folder_skips_saying_how_to_get_it(what, monkeypatch, tmp_path):
+@pytest.mark.parametrize("what, example", [("SMOLLM2", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                                           ("QWEN_TOKENIZER", "Qwen/Qwen2.5-0.5B-Instruct")])
+def test_a_missing_folder_skips_saying_how_to_get_it(what, example, monkeypatch, tmp_path):
     import conftest
     variable, repo, files, how = getattr(conftest, what)
     monkeypatch.delenv(variable, raising=False)
@@ -427,12 +428,14 @@ def test_a_missing_folder_skips_saying_how_to_get_it(what, monkeypatch, tmp_path
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty Hugging Face cache
     with pytest.raises(pytest.skip.Exception) as skip:
         conftest.folder_from(variable, repo, files, how)
-    assert f"huggingface-cli download {repo.replace('*', '0.5B')}" in str(skip.value)
+    assert f"huggingface-cli download {example}" in str(skip.value)
     assert f"or set {variable} to a folder holding {', '.join(files)}" in str(skip.value)
-    snapshot = tmp_path / "hub" / f"models--{repo.replace('*', '0.5B').replace('/', '--')}" / "snapshots" / "abc"
-    snapshot.mkdir(parents=True)
-    for name in files:
-        (snapshot / name).write_text("{}")
+    snapshot, math = (tmp_path / "hub" / f"models--{name.replace('/', '--')}" / "snapshots" / "abc"
+                      for name in (example, "Qwen/Qwen2.5-Math-1.5B-Instruct"))  # math: newer, another template
+    for folder in (snapshot, math):
+        folder.mkdir(parents=True)
+        for name in files:
+            (folder / name).write_text("{}")
     assert conftest.folder_from(variable, repo, files, how) == snapshot  # found in the cache
     monkeypatch.setenv(variable, str(tmp_path))
     with pytest.raises(pytest.fail.Exception, match=f"{variable}={tmp_path} lacks {files[0]}"):
