@@ -7,8 +7,12 @@
   2. Training step (`score` with checkpointed segments + GRPO loss + backward, no rollout): time and peak memory
      against rollout length for `full` (LoRA, `score` checkpointed in chunks of m tokens) and `pte`, same budget,
      with exact gradients and with `--truncate` (each segment back-propagated at once: memory fixed by the budget).
-  3. `--gpu`: tables 1 and 2 (no peer) at the real shapes of `--gpu-model` (qwen2.5-3b) with random bf16 weights
-     on cuda: a rollout of 3,072 tokens at budget 1,024, batch 8, and one training step at that length.
+  3. GRPO steps as train.py takes them (generate, reward, update; random rewards: random weights answer nothing)
+     for full, window, pte and pte --truncate side by side: rollout tokens/s, step time and peak memory of the
+     second of two steps (the first warms up), at paper settings scaled down (`--prompts` x `--group` rows).
+  `--gpu`: tables 1 to 3 (no peer) at the real shapes of `--gpu-model` (qwen2.5-3b) with random bf16 weights
+     on cuda: rollouts of 3,072 tokens at budget 1,024, batch 8, one training step at that length, and two GRPO
+     steps of 4 prompts x 8 rollouts of up to 2,048 tokens; it prints which SDPA kernel the masked attention ran.
 
 Rollouts decode exactly `length` tokens (no EOS) from random prompts of `--prompt-len` tokens, timed over the whole
 `generate` call (prefill included) after a 4-token warm-up. `full` and `window` run the bare model, as transformers
@@ -25,7 +29,7 @@ whatever they hold. Table 1 keeps the default (a fixed threshold adds page fault
   python bench.py --quick                                    # about a minute: small lengths and batch
   python bench.py                                            # tables 1 and 2: SmolLM2-135M, fp32, CPU (long)
   python bench.py --gpu                                      # table 3 on cuda
-  python bench.py --gpu --device cpu --gpu-model smollm2-135m --quick   # dry run of table 3 on the CPU
+  python bench.py --gpu --device cpu --gpu-model smollm2-135m --quick   # dry run of --gpu on the CPU (fp32)
 """
 import argparse
 import json
@@ -47,7 +51,7 @@ FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 def prompts(s, vocab):
     g = torch.Generator().manual_seed(0)
-    return torch.randint(100, vocab, (s["batch"], s["prompt_len"]), generator=g)  # (B, P) random ids, no pads
+    return torch.randint(min(100, vocab // 2), vocab, (s["batch"], s["prompt_len"]), generator=g)  # (B, P) random ids, no pads
 
 
 def timed(fn, device):
@@ -109,6 +113,51 @@ def train_step(s, model):
     return dict(seconds=timed(step, dev)[1], tokens=B * T)
 
 
+def grpo_steps(s, model):
+    """Two GRPO steps of train.py's (generate, random rewards, train.update); the numbers of the second."""
+    import argparse
+    import train
+    from encoder import Adapter, AdapterConfig, trainable
+    from grpo import group_advantages
+    from rollout import CachePolicy, generate
+    policy, dev = s["policy"].removesuffix("-trunc"), s["device"]
+    args = argparse.Namespace(**{**train.PAPER_DEFAULTS, "objective": "grpo", "epochs": 1, "top_p": 1.0, "no_std": False,
+                                 "truncate": s["policy"].endswith("-trunc"), "cache": s["budget"], "max_new": s["length"],
+                                 "group": s["group"], "micro_batch": s["batch"]})
+    adapter = Adapter(model.config, AdapterConfig("lora" if policy != "pte" else "pte")).to(dev)
+    cache_policy = CachePolicy(policy, s["budget"])
+    objective = train.Objective(model, adapter, args, cache_policy, CachePolicy("window" if policy == "pte" else policy, s["budget"]))
+    optimizer = torch.optim.AdamW(trainable(adapter), lr=args.lr)
+    g = torch.Generator(dev).manual_seed(0)
+    rows = [p for p in prompts(dict(s, batch=s["prompts"]), model.config.vocab_size).tolist() for _ in range(s["group"])]
+    for _ in range(2):
+        train.reset_peak_memory(torch.device(dev))
+        t0 = time.perf_counter()
+        ro = generate(model, rows, cache_policy, args.max_new, adapter, args.temperature, generator=g)
+        rewards = torch.randint(0, 2, (len(rows),), generator=g, device=dev).float()
+        train.update(objective, optimizer, ro, group_advantages(rewards, s["group"]), args, world=1)
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+    return dict(seconds=time.perf_counter() - t0, tokens=int(ro.mask.sum()), rollout_tokens_per_s=ro.stats["tokens_per_s"])
+
+
+def sdpa_backend(device, dtype, heads, kv_heads, head_dim):
+    """The first of PyTorch's SDPA kernels that runs model.attend_masked at these shapes (with its explicit mask)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import model
+    q = torch.randn(1, heads, 64, head_dim, device=device, dtype=dtype)
+    kv = torch.randn(1, kv_heads, 96, head_dim, device=device, dtype=dtype)
+    mask = torch.zeros(1, 1, 64, 96, device=device, dtype=dtype)
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+        try:
+            with sdpa_kernel([backend]):
+                model.attend_masked(q, kv, kv, mask)
+            return backend.name
+        except RuntimeError:
+            continue
+    return "none"
+
+
 def child(s):
     """Run one configuration in this fresh process: its numbers, and its memory in MiB just after loading and at peak."""
     import model
@@ -127,7 +176,7 @@ def child(s):
     if s["impl"] == "transformers":
         out.update(rollout_hf(s, loaded))
     else:
-        out.update(rollout_ours(s, loaded) if s["kind"] == "rollout" else train_step(s, loaded))
+        out.update(dict(rollout=rollout_ours, train=train_step, grpo=grpo_steps)[s["kind"]](s, loaded))
     out["peak_mib"] = peak_memory_gb(torch.device(s["device"])) * 1024
     return out
 
@@ -141,6 +190,11 @@ def spawn(s, env=None):
 
 
 # ---------------------------------------------------------------------------------------------------- tables
+
+def model_config(name):
+    import model
+    return model.config_from_hf(model.REGISTRY[name][1])
+
 
 def copy_bandwidth(threads, mib=256):
     """Bytes per second of one large tensor copy (the bytes counted once), the best of five."""
@@ -208,13 +262,27 @@ def train_table(a, base):
                f"{(p['peak_mib'] - p['weights_mib']) / above:.2f}, {(t['peak_mib'] - t['weights_mib']) / above:.2f}"])
 
 
+def grpo_table(a, base):
+    rows = {p: spawn(dict(base, impl="ours", kind="grpo", policy=p, length=a.max_new, prompts=a.prompts, group=a.group))
+            for p in ("full", "window", "pte", "pte-trunc")}
+    header("GRPO steps (generate + random rewards + train.update), the second of two", a,
+           [f"{a.prompts} prompts x {a.group} rollouts of up to {a.max_new} tokens, micro-batch {a.batch}; pte-trunc: --truncate"],
+           ["policy", "rollout tok/s", "step s", "peak MiB", "weights MiB"])
+    for p, r in rows.items():
+        row([p, f"{r['rollout_tokens_per_s']:.1f}", f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}", f"{r['weights_mib']:.0f}"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small lengths, budget and batch: about a minute")
     ap.add_argument("--gpu", action="store_true", help="table 3: --gpu-model with random bf16 weights on --device")
     ap.add_argument("--gpu-model", default="qwen2.5-3b", help="registry name for --gpu (smollm2-135m for a CPU dry run)")
     ap.add_argument("--device", default=None, help="default: cuda with --gpu, else cpu")
-    ap.add_argument("--tables", default="1,2", help="which of 1 (rollout) and 2 (training step) to run")
+    ap.add_argument("--tables", default=None, help="which of 1 (rollout), 2 (training step) and 3 (GRPO steps) to run "
+                    "(default 1,2; --gpu 1,2,3)")
+    ap.add_argument("--prompts", type=int, default=None, help="table 3: prompts a step (default 4; --quick 2)")
+    ap.add_argument("--group", type=int, default=None, help="table 3: rollouts a prompt (default 8; --quick 2)")
+    ap.add_argument("--max-new", type=int, default=None, help="table 3: rollout token limit (default 2048; --quick 64)")
     ap.add_argument("--policies", default="full,window,pte", help="table 1's policies (transformers runs beside full; "
                     "full-plain: full through F.linear, to measure model.packed_weights)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every subprocess")
@@ -232,11 +300,14 @@ def main():
     if not a.policies or set(a.policies) - set(POLICIES):
         ap.error(f"--policies {','.join(a.policies)}: choose from {','.join(POLICIES)}")
     a.batch = a.batch or (2 if a.quick and a.gpu else 4 if a.quick else 8)
+    a.tables = a.tables or ("1,2,3" if a.gpu else "1,2")
+    a.prompts, a.group = a.prompts or (2 if a.quick else 4), a.group or (2 if a.quick else 8)
+    a.max_new = a.max_new or (64 if a.quick else 2048)
     a.budget = a.budget or (48 if a.quick else 1024)
     a.prompt_len = a.prompt_len or (16 if a.quick else 128)
     a.lengths = [int(x) for x in (a.lengths or ("32,64" if a.quick else "3072" if a.gpu else "256,512,1024,2048,4096")).split(",")]
     if a.gpu:
-        a.model_name, a.dtype, path = a.gpu_model, "bfloat16", a.gpu_model
+        a.model_name, a.dtype, path = a.gpu_model, "bfloat16" if a.device.startswith("cuda") else "float32", a.gpu_model
     else:
         a.model_name, a.dtype = "SmolLM2-135M-Instruct", "float32"
         path = SMOLLM2 if os.path.isdir(SMOLLM2) else subprocess.run(
@@ -254,6 +325,12 @@ def main():
         rollout_table(a, base, peer)
     if "2" in a.tables:
         train_table(a, base)
+    if "3" in a.tables:
+        grpo_table(a, base)
+    if a.gpu:
+        cfg = model_config(a.gpu_model)
+        print(f"\nmasked attention (score, prefill) ran SDPA's "
+              f"{sdpa_backend(a.device, torch.bfloat16, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)} kernel on {a.device}")
     print(f"\n(bench wall time {time.perf_counter() - t0:.0f} s)")
 
 

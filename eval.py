@@ -32,7 +32,33 @@ import model as models
 import rollout
 from cache import MIN_THOUGHT_SLOTS
 from encoder import load_adapter
-from train import device_name, number
+
+def number(kind, low, high=None, above=False):
+    """An argparse type: a `kind` at least `low` (more than `low` if `above`) and at most `high`."""
+    def parse(text):
+        value = kind(text)  # ValueError: argparse says "invalid int value"
+        if not (value > low if above else value >= low) or (high is not None and not value <= high):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low}"
+                                             f"{'' if high is None else f' and <= {high}'}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def device_name(text):
+    """An argparse type: auto, cpu, cuda or cuda:N, checked against this machine."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine")
+    return text
+
 
 def summarize(records, samples, tokens_per_s):
     """Per-sample records in problem order (`samples` consecutive rows a problem) -> the summary dict; with `kl`
@@ -134,8 +160,8 @@ def table(results):
             "| evictions/sample | tokens/s |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in results:
-        lines.append(f"| {r['bench']} | {r['policy']} | {r['n']} | {r['skipped']} | {r['samples']} | {100 * r['accuracy']:.1f} | "
-                     f"{100 * r['pass_at_k']:.1f} | {r['mean_length']:.0f} | "
+        lines.append(f"| {r['bench']} | {r['policy']} | {r['n']} | {r['skipped']} | {r['samples']} | "
+                     f"{100 * r['accuracy']:.1f} | {100 * r['pass_at_k']:.1f} | {r['mean_length']:.0f} | "
                      f"{'-' if r.get('kl') is None else format(r['kl'], '.4f')} | {100 * r['truncated']:.0f}% | "
                      f"{r['evictions_per_sample']:.1f} | {r['tokens_per_s']:.1f} |")
     return "\n".join(lines)
@@ -149,7 +175,8 @@ def parser():
     p.add_argument("--data-dir", help="where {name}.jsonl live (default: $PTE_DATA, else data/)")
     p.add_argument("--policy", help="comma-separated full|window|pte (default: the adapter's, else full)")
     p.add_argument("--cache", type=number(int, 1), help="cache budget in tokens: prompt + thought slots (default: the "
-                   f"adapter's, else 1024); a prompt that leaves fewer than {MIN_THOUGHT_SLOTS} thought slots is skipped and counted")
+                   f"adapter's, else 1024); a prompt that leaves fewer than {MIN_THOUGHT_SLOTS} thought slots is "
+                   "skipped and counted")
     p.add_argument("--evict", type=number(float, 0, 1, above=True),
                    help="share of the thought window evicted at a time (default: the adapter's, else 0.25)")
     p.add_argument("--max-new", type=number(int, 1), default=3072)
@@ -186,9 +213,8 @@ def with_adapter_defaults(args):
     args.policy = args.policy or meta.get("policy", "full")
     args.cache = args.cache or trained.get("cache", 1024)
     args.evict = args.evict or trained.get("evict", 0.25)
-    model = trained.get("model")
-    if model is not None and str(model) != args.model and not (Path(str(model)).is_dir() and Path(args.model).is_dir()
-                                                                and Path(str(model)).resolve() == Path(args.model).resolve()):
+    model = str(trained.get("model", args.model))
+    if model != args.model and not (Path(model).is_dir() and Path(model).resolve() == Path(args.model).resolve()):
         print(f"WARNING: the adapter {args.adapter} was trained on --model {model}, not {args.model}", file=sys.stderr)
     return args
 
@@ -209,7 +235,8 @@ def run(args, argv):
     for name, problems in benches.items():
         benches[name], _, skipped[name] = data.encode_prompts(problems, tokenizer, family, budget)
         if not benches[name]:
-            raise ValueError(f"{name}: every prompt leaves fewer than {MIN_THOUGHT_SLOTS} thought slots at --cache {args.cache}")
+            raise ValueError(f"{name}: every prompt leaves fewer than {MIN_THOUGHT_SLOTS} thought slots at "
+                             f"--cache {args.cache}")
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     net = models.load(args.model, None if args.dtype == "auto" else getattr(torch, args.dtype), device)
     adapter = load_adapter(args.adapter, net.config, device) if args.adapter else None

@@ -204,7 +204,8 @@ def plan_segments(sched: Schedule, fed, device):
     plan = []
     for a, b in zip(cuts, cuts[1:]):
         n_evictions = torch.tensor([sum(t <= a for t in row) for row in steps], device=device)
-        plan.append(Segment(a, b, m * n_evictions, n_evictions > 0, torch.tensor([a in row for row in steps], device=device)))
+        fresh = torch.tensor([a in row for row in steps], device=device)
+        plan.append(Segment(a, b, m * n_evictions, n_evictions > 0, fresh))
     return plan
 
 
@@ -251,10 +252,12 @@ def _forward(model, adapter, cores, inputs, q_pos, key_pos, past_k, past_v, targ
         span = (start + i, start + i + h.shape[1])
         return token_fn(model.lm_head(h), targets[:, i:i + h.shape[1]], span)
     run = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if use_checkpoint else (lambda f, *a: f(*a))
-    return new_k, new_v, torch.cat([run(chunk_values, h[:, i:i + LOGIT_CHUNK], i) for i in range(0, h.shape[1], LOGIT_CHUNK)], 1)
+    values = [run(chunk_values, h[:, i:i + LOGIT_CHUNK], i) for i in range(0, h.shape[1], LOGIT_CHUNK)]  # (B, <= 64) each
+    return new_k, new_v, torch.cat(values, 1)
 
 
-def replay_segment(model, adapter, ro, seg, counts, folds, token_fn, use_checkpoint, base, prompt_k, prompt_v, first, *thought):
+def replay_segment(model, adapter, ro, seg, counts, folds, token_fn, use_checkpoint,
+                   base, prompt_k, prompt_v, first, *thought):
     """Step 2. Segment `seg` against the prompt's keys and values and the thought pieces (keys, then values) that
     start at token `first`. Returns (cores, new keys, new values, token values (B, n))."""
     lens, P = ro.prompt_lens, ro.prompts.shape[1]
@@ -268,9 +271,9 @@ def replay_segment(model, adapter, ro, seg, counts, folds, token_fn, use_checkpo
     thought_pos = torch.where(t >= seg.lo[:, None], lens[:, None] + t, -1)  # (B, end - first): each row's window
     key_pos = torch.cat([prompt_pos.clamp(min=-1), thought_pos], 1)
     q_pos = lens[:, None] + torch.arange(seg.start, seg.end, device=lens.device)  # (B, n)
-    return (cores, *_forward(model, adapter, cores, ro.tokens[:, seg.start:seg.end], q_pos, key_pos, [prompt_k, *thought_k],
-                             [prompt_v, *thought_v], ro.tokens[:, seg.start + 1:seg.end + 1], seg.start + 1, token_fn,
-                             use_checkpoint))
+    inputs, targets = ro.tokens[:, seg.start:seg.end], ro.tokens[:, seg.start + 1:seg.end + 1]  # (B, n) each
+    return (cores, *_forward(model, adapter, cores, inputs, q_pos, key_pos, [prompt_k, *thought_k], [prompt_v, *thought_v],
+                             targets, seg.start + 1, token_fn, use_checkpoint))
 
 
 def _prefill(model, adapter, ro, token_fn, use_checkpoint):
@@ -280,8 +283,8 @@ def _prefill(model, adapter, ro, token_fn, use_checkpoint):
     pos = torch.arange(P, device=lens.device) - (P - lens)[:, None]
     pos = pos.clamp(min=-1)  # (B, P)
     empty = model.embed_tokens.weight.new_empty(cfg.n_layers, B, cfg.n_kv_heads, 0, cfg.head_dim)
-    return (cores, *_forward(model, adapter, cores, ro.prompts, pos, pos, [empty], [empty], ro.tokens[:, :1], 0, token_fn,
-                             use_checkpoint))
+    return (cores, *_forward(model, adapter, cores, ro.prompts, pos, pos, [empty], [empty], ro.tokens[:, :1], 0,
+                             token_fn, use_checkpoint))
 
 
 def backprop_piece(grad, fn, span, *inputs):
@@ -301,7 +304,8 @@ def _replay(model, ro, plan, sched, adapter, folds, token_fn, use_checkpoint, gr
     else:
         piece = lambda fn, span, *a: fn(*a)  # noqa: E731
     counts = torch.tensor(sched.counts, device=ro.tokens.device)
-    cores, prompt_k, prompt_v, first_values = piece(partial(_prefill, model, adapter, ro, token_fn, use_checkpoint), (0, 1))
+    prefill = partial(_prefill, model, adapter, ro, token_fn, use_checkpoint)
+    cores, prompt_k, prompt_v, first_values = piece(prefill, (0, 1))
     values, saved, base = [first_values], [], cores  # saved: (first token, keys, values) of earlier segments
     for seg in plan:
         if folds:  # S before each row's newest eviction: the cores of the segment before it
@@ -333,8 +337,8 @@ class _Truncated(torch.autograd.Function):
         return None, None
 
 
-def score(model, rollout: Rollout, policy: CachePolicy, adapter=None, temperature=0.0, use_checkpoint=True, token_fn=None,
-          truncate=False):
+def score(model, rollout: Rollout, policy: CachePolicy, adapter=None, temperature=0.0, use_checkpoint=True,
+          token_fn=None, truncate=False):
     """Replay the rollout under its policy, segment by segment; returns (B, T) log-probs of its tokens (with
     autograd when enabled), or token_fn(logits (B, n, V), targets (B, n), span) -> (B, n) for each segment.
     truncate: truncated backprop (PAPER Q7, an option): each piece sees the cache and S_before of the pieces before
@@ -349,8 +353,8 @@ def score(model, rollout: Rollout, policy: CachePolicy, adapter=None, temperatur
     else:
         sched = policy.schedule(lens, fed)
         if [sched.steps(i, fed) for i in range(len(lens))] != [[t for t in row if t < fed] for row in rollout.evictions]:
-            raise ValueError("the rollout's evictions do not match this policy's schedule: score it with the policy that "
-                             "generated it")
+            raise ValueError("the rollout's evictions do not match this policy's schedule: "
+                             "score it with the policy that generated it")
     folds = policy.policy == "pte" and adapter.cfg.mode != "global-only"  # global-only: S stays S(0)
     replay = partial(_replay, model, rollout, plan_segments(sched, fed, rollout.tokens.device), sched, adapter, folds,
                      token_fn or token_logprobs(temperature), use_checkpoint)

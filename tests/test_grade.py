@@ -4,7 +4,9 @@ import time
 
 import pytest
 
-from grade import GRADER_VERSION, _normalize, extract_answer, is_equiv, score
+import mathexpr
+from grade import GRADER_VERSION, MAX_GOLDS, _normalize, extract_answer, is_equiv, score
+from grade_report import load_cases
 
 BENCHMARKS = ["math500", "minerva", "olympiadbench", "amc23", "aime24", "gsm8k"]
 
@@ -197,6 +199,8 @@ CASES = [  # (completion, gold, expected score == 1)
     (box("x=2, x=1"), "1,2", True),
     (box("f(n)=n, g(n)=1"), "f(n)=1, g(n)=n", False),                       # different names are kept
     (box("(3,4),(1,2)"), "(1,2),(3,4)", True),
+    (box("\\{1,2\\} \\cup \\{2,3\\}"), "\\{1,2,3\\}", True),                          # a union of sets, each item once
+    (box("\\{1,2\\} \\cup \\{4\\}"), "\\{1,2,3\\}", False),
     (box("(2,1),(3,4)"), "(1,2),(3,4)", False),
     (box("f(x)=2-x, f(x)=x"), "f(x)=x,f(x)=2-x", True),
     # matrices
@@ -243,6 +247,9 @@ def test_extract_answer():
     assert extract_answer(None) is None
     assert extract_answer("The final answer is $x^2$. I hope it is correct.") == "x^2"
     assert extract_answer("#### 18") == "18"
+    assert extract_answer("**Answer:** $\\frac12$") == "\\frac12" and extract_answer("Answer: \\(x\\).") == "x"
+    assert extract_answer("the answer is 5. A misanswer is 6.") == "5"                   # "answer" as a word only
+    assert extract_answer("the answer is above 10.\n#### 18") == "18" and extract_answer("#### 1\nAnswer: 2") == "2"
 
 
 def test_gold_list_and_bad_gold():
@@ -254,9 +261,106 @@ def test_gold_list_and_bad_gold():
             score(box("1"), bad)
 
 
+def test_gold_list_is_capped():
+    assert score(box("7"), [str(i) for i in range(MAX_GOLDS)]) == 1.0
+    start = time.perf_counter()
+    for too_many in ([str(i) for i in range(MAX_GOLDS + 1)], ["x"] * 100_000):
+        with pytest.raises(ValueError, match=f"1 to {MAX_GOLDS} strings"):
+            score(box("7"), too_many)
+    assert time.perf_counter() - start < 0.05  # refused before any is tried (100,000 once took 7.7 s)
+
+
+KNOWN_MISSES = {  # labelled by the maths; grade.py gets these wrong (README, ## Grading)
+    ("-3 < x < 3", "|x| < 3"),                                         # |x| < a is not read as an interval
+    ("\\begin{pmatrix}-1&0\\\\0&-1\\end{pmatrix}", "-\\begin{pmatrix}1&0\\\\0&1\\end{pmatrix}"),  # no scalar * matrix
+    ("The answer is 12, not 13.", "12"),                               # the sentence's rest is kept
+}
+LABELLED = load_cases()
+
+
+def test_labelled_cases_are_many_and_balanced():
+    kinds = {r["kind"] for r in LABELLED}
+    assert len(LABELLED) - sum(r["kind"] == "public" for r in LABELLED) >= 200 and len(kinds) >= 15
+    assert all(sum(r["kind"] == k for r in LABELLED) >= 10 for k in kinds - {"public"})
+    assert sum(not r["label"] for r in LABELLED) >= 0.25 * len(LABELLED)
+    assert {(r.get("answer"), r["gold"]) for r in LABELLED} >= {(k, g) for k, g, _ in PUBLIC}
+
+
+@pytest.mark.parametrize("row", [pytest.param(r, marks=pytest.mark.xfail(strict=True, reason="known miss"))
+                                 if (r.get("answer", r["completion"]), r["gold"]) in KNOWN_MISSES else r
+                                 for r in LABELLED], ids=lambda r: f"{r['kind']}:{r['gold'][:30]}")
+def test_labelled_case(row):
+    assert score(row["completion"], row["gold"]) == float(row["label"])
+
+
+PUBLIC = [  # math-verify issue 69 (false negatives) and issue 14 (false positives)
+    ("pi/2", "\\dfrac{\\pi}{2}", True), ("-2*pi", "-2\\pi", True), ("-1+exp(16)", "e^{16}-1", True),
+    ("\u00b12021", "2021", False), ("1/2004!", "1/2006!", False),
+]
+
+
+@pytest.mark.parametrize("answer,gold,expected", PUBLIC)
+def test_public_cases_math_verify_gets_wrong(answer, gold, expected):
+    assert is_equiv(answer, gold) == expected and is_equiv(gold, answer) == expected
+
+
+def test_typical_call_is_under_5_ms():
+    took = sorted(min(_timed(score, r["completion"], r["gold"]) for _ in range(3)) for r in LABELLED)
+    assert took[len(took) // 2] < 0.005 and took[int(0.9 * len(took))] < 0.01, took[-5:]
+
+
+def test_parse_trees_by_hand():
+    half, two = ("n", mathexpr.Fraction(1, 2)), ("n", mathexpr.Fraction(2))
+    assert mathexpr.parse("\\sin 2x") == ("f", "sin", ("*", (two, ("v", "x"))))            # sin(2x), not sin(2) x
+    assert mathexpr.parse("\\sin x \\cos x") == ("*", (("f", "sin", ("v", "x")), ("f", "cos", ("v", "x"))))
+    assert mathexpr.parse("\\sin^{-1} x") == ("f", "arcsin", ("v", "x"))
+    assert mathexpr.parse("1/2/x") == ("*", (("n", 1), ("inv", two), ("inv", ("v", "x"))))  # left to right
+    assert mathexpr.parse("(n+1)!") == ("!", ("+", (("v", "n"), ("n", 1)))) and mathexpr.parse("n2^n") == (
+        "*", (("v", "n"), ("^", two, ("v", "n"))))
+    assert mathexpr.parse("-0.5") == ("n", -half[1]) and mathexpr.parse("\\log_2 8") == ("log", two, ("n", 8))
+    for refused in ("1 000", "cost", "I(0) e^{t}", "5!!", "\\sqrt[x]{2}", "(1+2", "\\foo"):
+        with pytest.raises(mathexpr.Refuse):
+            mathexpr.parse(refused)
+
+
+def test_exact_values_by_hand():
+    def exact(s):
+        return mathexpr.exact(mathexpr.parse(s))
+    F = mathexpr.Fraction
+    assert exact("\\sqrt{8}") == {(2, ()): 2} and exact("\\frac{1}{\\sqrt{2}}") == {(2, ()): F(1, 2)}
+    assert exact("(1+i)^2") == {(1, (("i", 1),)): 2} and exact("e^{16}") == exact("exp(16)") == {(1, (("e", 16),)): 1}
+    assert exact("\\frac{10!}{8!}") == {(1, ()): 90} and exact("4^{3/2}") == {(1, ()): 8}
+    for no_exact in ("\\sin x", "2^{k}", "\\frac{1}{1+x}", "\\sqrt[3]{2}", "3001!", "10^{10^{10}}"):
+        with pytest.raises(mathexpr.Refuse):
+            exact(no_exact)
+
+
+def test_numeric_values_and_tolerance():
+    at = {"x": 2 + 0j, "y": 3 + 0j}
+    assert mathexpr.numeric(mathexpr.parse("x^2+\\frac{y}{x}"), at) == 5.5
+    assert mathexpr.numeric(mathexpr.parse("\\sqrt[3]{-8}"), {}) == -2                   # the real cube root
+    assert mathexpr.numeric(mathexpr.parse("\\binom{y}{x}"), at) == 3
+    value = mathexpr.value
+    assert mathexpr.equal(value("\\sqrt[3]{2}"), value("1.259921049894873"))          # 16 digits: within 1e-8
+    assert not mathexpr.equal(value("\\sqrt[3]{2}"), value("1.2599"))                 # 5 digits: not
+    assert not mathexpr.equal(value("\\frac{1}{3}"), value("0.333333333333"))         # exact values: no tolerance
+    assert mathexpr.equal(value("\\sqrt{x}\\sqrt{y}"), value("\\sqrt{xy}"))              # Re x, Re y > 0
+    assert not mathexpr.equal(value("|x|"), value("x")) and not mathexpr.equal(value("e^{-50}"), value("e^{-51}"))
+    assert not mathexpr.equal(value("\\frac{1}{x}"), value("\\frac{1}{0}"))                # never defined: unequal
+    assert not mathexpr.equal(value("\\lfloor x \\rfloor"), value("1"))                     # x in [0.5, 3): no points
+    assert mathexpr.proportional(value("2x+4y-6"), value("x+2y-3"))
+    assert not mathexpr.proportional(value("2x+4y-6"), value("x+2y+3")) and not mathexpr.proportional(
+        value("1"), value("2"))
+
+
+def test_runs_nothing(tmp_path):
+    target = tmp_path / "pwned"
+    assert score(box(f"__import__('os').system('touch {target}')"), "0") == 0.0 and not target.exists()
+
+
 def test_is_equiv_rejects_non_strings_and_empty():
     assert not is_equiv(None, "1") and not is_equiv("1", None) and not is_equiv("", "") and not is_equiv("$", "$")
-    assert GRADER_VERSION == "1"
+    assert GRADER_VERSION == "2"
 
 
 def _rows(data_dir, name):
@@ -320,6 +424,11 @@ ADVERSARIAL = [
     "\\boxed{" + "1.5e3000" * 100 + "}",
     "\\" * 100_000,
     "a" * 100_000,
+    "\\boxed{1000!}", "\\boxed{" + "1000!" * 60 + "}", "\\boxed{\\binom{3000}{1500}}", "\\boxed{3000!-2999!}",
+    "\\boxed{e^{e^{e^{e^{e^{e^{100}}}}}}}", "\\boxed{" + "\\sin(" * 40 + "x" + ")" * 40 + "}",
+    "\\boxed{(1+x)^{4096}-(1+x)^{4095}}", "\\boxed{2^{0.5^{-4096}}}", "\\boxed{\\sqrt[99]{" + "9" * 300 + "}}",
+    "\\boxed{" + "|" * 400 + "}", "\\boxed{" + "x<" * 490 + "x}", "\\boxed{" + "\\{1\\}\\cup" * 100 + "\\{1\\}}",
+    "The answer is " + "9" * 2_000_000, "x" * 3_000_000 + " the answer is 5",             # megabytes of text
 ]
 
 
@@ -344,7 +453,8 @@ def _timed(fn, *args):
 
 CHARSET = list("\\{}^_()[],.$0123456789\\{}^_()[],.$-+=/ xie") + [
     "\\boxed{", "\\fbox", "\\frac", "\\sqrt", "\\pi", "\\pm", "\\cup", "\\text{", "\\left(", "\\right)", "\\!",
-    "\\%", "^\\circ", "\\begin{pmatrix}", "\\end{pmatrix}", "\\\\", "&", "####", "The final answer is ", "10^{"]
+    "\\%", "^\\circ", "\\begin{pmatrix}", "\\end{pmatrix}", "\\\\", "&", "####", "The final answer is ", "10^{",
+    "!", "<", "\\le", "|", "\\sin", "\\ln", "e^{", "\\sqrt[3]", "\\binom", "\u03c0", "\u221a", "\u00b1", "pi", "exp("]
 
 
 def test_random_strings_never_raise_or_hang():

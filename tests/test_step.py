@@ -1,5 +1,6 @@
-"""train.py's training step (`update`, `Objective`, `take`) on the toy and a tiny random Qwen2: the clip norm applied as
-given, the PPO "old" log-probs from the learner's own replay, --epochs, and micro-batches trimmed without changing a value."""
+"""train.py's training step (`update`, `Objective`, `take`) on the toy and a tiny random Qwen2: the clip norm applied
+as given, the PPO "old" log-probs from the learner's own replay, --epochs, and micro-batches trimmed without changing
+a value."""
 import pytest
 import torch
 
@@ -53,7 +54,8 @@ def test_old_logprobs_are_the_learners_replay(toy_step):
     stats, _, _ = step(shifted, lambda p: torch.optim.SGD(p, lr=0.0), "--beta", "0")
     assert stats["clip_frac"] == 0
     assert stats["loss"] == pytest.approx(-(adv[:, None] * ro.mask).sum().item() / ro.mask.sum().item(), rel=1e-5)
-    assert stats["sampler_gap_mean"] == pytest.approx(0.3, abs=1e-4) and stats["sampler_gap_max"] == pytest.approx(0.3, abs=1e-4)
+    assert stats["sampler_gap_mean"] == pytest.approx(0.3, abs=1e-4)
+    assert stats["sampler_gap_max"] == pytest.approx(0.3, abs=1e-4)
 
 
 def test_epochs_take_that_many_steps_against_the_first_replay(toy_step):
