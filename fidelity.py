@@ -31,14 +31,16 @@ from encoder import Adapter, AdapterConfig, load_adapter, save_adapter, trainabl
 from eval import evaluate
 from rollout import CachePolicy, Rollout, generate
 
-MODEL_DIR = Path(os.environ.get("SMOLLM2_DIR", Path.home() / ".cache" / "smollm2-135m-instruct"))
+BUILT = Path.home() / ".cache" / "smollm2-135m-instruct"  # where ../shared/tools/smollm2.sh builds it
+MODEL = os.environ.get("PTE_SMOLLM2") or (str(BUILT) if (BUILT / "config.json").exists() else "smollm2-135m")
 BAND = (88, 91)  # templated prompt lengths kept: one budget gives every row nearly the same window
 ROWS = (("bare window", "window", None), ("LoRA_c", "window", "lora_c"), ("PTE", "pte", "pte"))
 
 
 def parser():
     p = argparse.ArgumentParser(prog="fidelity.py", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(MODEL_DIR), help="SmolLM2-135M-Instruct folder (../shared/tools/smollm2.sh)")
+    p.add_argument("--model", default=MODEL, help="SmolLM2-135M-Instruct: $PTE_SMOLLM2, else the folder "
+                   "../shared/tools/smollm2.sh builds, else the registry name (Hugging Face cache)")
     p.add_argument("--data-dir", help="where gsm8k.jsonl lives (default: $PTE_DATA, else data/)")
     p.add_argument("--slots", type=int, default=64, help="thought slots of the shortest prompt: budget 91 + slots")
     p.add_argument("--max-new", type=int, default=256, help="completion token limit (training and evaluation)")
@@ -134,8 +136,6 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (Path(args.model) / "config.json").exists():
-        raise SystemExit(f"no model at {args.model}: build it with ../shared/tools/smollm2.sh (or set SMOLLM2_DIR)")
     if args.eval_size < 2:
         raise SystemExit("--eval-size must be at least 2 (the standard error over completions needs two)")
     if args.rollouts % 8 or 8 % args.rows:
@@ -143,7 +143,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     net, tokenizer = models.load(args.model), models.load_tokenizer(args.model)
-    family = data.chat_family(args.model)
+    family = data.chat_family(models.resolve(args.model))
     encode = lambda p: tokenizer.encode(data.format_prompt(p["problem"], family),  # noqa: E731
                                         add_special_tokens=False).ids
     problems = [p for p in data.read_problems(data.resolve_data("gsm8k", args.data_dir))
@@ -194,4 +194,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # no model, no data: the message says what to get
+        sys.exit(f"fidelity.py: error: {e}")
