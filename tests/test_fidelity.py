@@ -1,5 +1,6 @@
 """eval.py --kl against KL computed by hand from two masked forwards (full causal, and the SPEC section 2 window);
 about 0 for the full cache; an adapter counts; on the toy, distillation under pte brings the KL below the window's."""
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -125,3 +126,14 @@ def test_toy_distillation_under_pte_lowers_the_kl_below_the_window(tmp_path):
         assert summary["kl_tokens"] == 128 * 13
         kl[policy] = summary["kl"]
     assert kl["window"] == pytest.approx(math.log(10) / 13, rel=0.05) and kl["pte"] < 0.8 * kl["window"], kl
+
+
+@pytest.mark.parametrize("policy", ["window", "full"])
+def test_each_row_is_scored_after_its_own_first_eviction(tiny, monkeypatch, policy):
+    # budget 14: the 6-token prompt leaves W = 8 (first eviction before thought 8: tokens 9..23 scored), the 4-token
+    # one W = 10 (tokens 11..23); under full, the same tokens: where those windows would first have evicted
+    monkeypatch.setattr(sys.modules[__name__], "PROBLEMS", [PROBLEMS[0], dict(id="c", problem="abcd", answer="3")])
+    _, records, ro = evaluate(tiny, policy, P + W, monkeypatch)
+    assert [r["kl_tokens"] for r in records] == [MAX_NEW - W - 1, MAX_NEW - W - 3]
+    windowed = [list(range(W, MAX_NEW - 1, 2)), list(range(W + 2, MAX_NEW - 1, 3))]  # m = 2 and 3
+    assert ro.evictions == ([[], []] if policy == "full" else windowed)
