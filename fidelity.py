@@ -9,7 +9,9 @@ every row's thought window is --slots to --slots + 3. Rows: the bare window; LoR
 pte), both trained by train.py's distillation objective (Objective, --objective distill) with the same adapter
 shape, seed, steps and data. Departure from on-policy distillation (too slow here): the training rollouts are
 sampled once from the bare window and reused, so the students are teacher-forced on the window's completions.
-Writes to --out: rollouts.pt, lora_c/ and pte/ (train.py checkpoints, then adapter/), eval-*.json, fidelity.svg.
+Paired check (less noise than each row on its own completions): every row scored on the same held-out completions,
+sampled once from the bare window. Writes to --out: rollouts.pt, lora_c/ and pte/ (train.py checkpoints, then
+adapter/), eval-*.json, paired.json, fidelity.svg (the main measure).
 """
 import argparse
 import dataclasses
@@ -28,7 +30,7 @@ import data
 import model as models
 import train
 from encoder import Adapter, AdapterConfig, load_adapter, save_adapter, trainable
-from eval import evaluate
+from eval import evaluate, kl_start, token_kl
 from rollout import CachePolicy, Rollout, generate
 
 BUILT = Path.home() / ".cache" / "smollm2-135m-instruct"  # where ../shared/tools/smollm2.sh builds it
@@ -131,6 +133,31 @@ def svg_bars(rows, title):
             f'font-family="sans-serif" font-size="12"><text x="10" y="20" font-size="13">{title}</text>{bars}</svg>\n')
 
 
+def paired(net, prompts, budget, adapters, args, out):
+    """A lower-noise check beside the main measure: every row scored on the same 256-token completions, sampled once
+    from the bare window. Returns {label: (token-mean KL, s.e. of its per-completion difference from the window's)}."""
+    path = out / "paired.json"
+    if not path.exists():
+        t0, gen = time.perf_counter(), torch.Generator().manual_seed(args.seed + 1)
+        ro = generate(net, prompts, CachePolicy("window", budget), args.max_new, temperature=1.0, generator=gen)
+        kls = {}  # label -> (per-completion sums, token counts) over each row's tokens after its first eviction
+        for label, policy, name in ROWS:
+            per_token = token_kl(net, ro, CachePolicy(policy, budget), adapters[name])  # (B, T)
+            scored = torch.zeros_like(ro.mask)
+            for b, n in enumerate(ro.mask.sum(1).tolist()):
+                scored[b, kl_start(ro, CachePolicy(policy, budget), b) or n:n] = True
+            kls[label] = (torch.where(scored, per_token, 0).sum(1), scored.sum(1))
+        _, n = kls[ROWS[0][0]]
+        keep = n > 0
+        window = kls[ROWS[0][0]][0][keep] / n[keep]
+        result = {label: (float(sums.sum() / counts.sum()),
+                          float(((sums[keep] / n[keep] - window).std() / keep.sum() ** 0.5)))
+                  for label, (sums, counts) in kls.items()}
+        atomic_write(path, lambda p: p.write_text(json.dumps(dict(result=result, seconds=time.perf_counter() - t0))))
+    saved = json.loads(path.read_text())
+    return saved["result"], saved["seconds"]
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
@@ -173,6 +200,7 @@ def main(argv=None):
         results.append((label, json.loads(path.read_text())))
         times[f"eval {label}"] = results[-1][1]["seconds"]
     window_kl = results[0][1]["kl"]
+    same, times["paired check"] = paired(net, [encode(p) for p in held_out], budget, adapters, args, out)
     print(f"\n$ {shlex.join(['python', 'fidelity.py', *argv])}\n\nSmolLM2-135M-Instruct, {len(held_out)} held-out "
           f"GSM8K problems (prompts {BAND[0]}-{BAND[1]} tokens), budget {budget} (window {args.slots}-"
           f"{budget - BAND[0]} slots), "
@@ -184,6 +212,11 @@ def main(argv=None):
         closed = (window_kl - r["kl"]) / window_kl
         print(f"| {label} | {r['kl']:.4f} | {r['kl_se']:.4f} | {closed:+.0%} | {r['kl_tokens']} | "
               f"{r['mean_length']:.0f} | {r['accuracy']:.3f} |")
+    print(f"\nPaired check: every row on the same {len(held_out)} completions of the bare window\n\n"
+          "| row | KL(full \\|\\| row) per token after the first eviction | share closed "
+          "| s.e. of the per-completion difference from the window |\n|---|---|---|---|")
+    for label, (kl, se) in same.items():
+        print(f"| {label} | {kl:.4f} | {(same[ROWS[0][0]][0] - kl) / same[ROWS[0][0]][0]:+.0%} | {se:.4f} |")
     svg = svg_bars([(label, r["kl"], r["kl_se"], f"({(window_kl - r['kl']) / window_kl:+.0%} closed)")
                     for label, r in results],
                    f"SmolLM2-135M, prompt + {args.slots} slots: KL(full || row) per token after the first eviction, "
