@@ -50,8 +50,8 @@ class ModelConfig:
 
 
 SUPPORTED = ("qwen2", "llama")
-COUNT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-              "intermediate_size")
+COUNT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "intermediate_size")
 SCALE_KEYS = ("rms_norm_eps", "rope_theta")
 
 
