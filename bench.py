@@ -45,8 +45,8 @@ import time
 
 import torch
 
-SMOLLM2 = os.path.expanduser("~/.cache/smollm2-135m-instruct")
-SMOLLM2_TOOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tools", "smollm2.sh")
+from model import resolve
+
 # full-plain: `full` through F.linear, without the blocked weights; -compiled: through rollout.compiled_step
 POLICIES = ("full", "window", "pte", "full-plain", "full-compiled", "window-compiled", "pte-compiled")
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
@@ -338,8 +338,11 @@ def main():
         a.model_name, a.dtype, path = a.gpu_model, "bfloat16" if a.device.startswith("cuda") else "float32", a.gpu_model
     else:
         a.model_name, a.dtype = "SmolLM2-135M-Instruct", "float32"
-        path = SMOLLM2 if os.path.isdir(SMOLLM2) else subprocess.run(
-            ["bash", SMOLLM2_TOOL], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        path = os.environ.get("PTE_SMOLLM2") or "smollm2-135m"  # a folder, else the registry name (Hugging Face cache)
+        try:
+            path = str(resolve(path))
+        except (ValueError, FileNotFoundError) as e:
+            ap.error(f"the CPU tables run the real SmolLM2-135M-Instruct: set PTE_SMOLLM2 to its folder ({e})")
     base = dict(model=path, random=a.gpu, dtype=a.dtype, device=a.device, threads=a.threads, batch=a.batch,
                 budget=a.budget, prompt_len=a.prompt_len)
     peer = not a.gpu
