@@ -1,9 +1,11 @@
 """Speed and memory of the cache policies (SPEC sections 2-4), printed as tables with the command that made them.
 
   1. Rollout: tokens/s and peak memory against generation length for `full`, `window` and `pte` at one cache
-     budget, beside `transformers`' `generate` (full cache, greedy, same model, batch, dtype and token count), the
-     ratio ours `full` / transformers, and the share of the bandwidth floor that `full` reaches (the floor: every
-     weight byte read once per decode step at the copy bandwidth measured here).
+     budget, eager and with the compiled decode step (`-compiled`: rollout.compiled_step, its compile time in the
+     first call beside it), beside `transformers`' `generate` (full cache, greedy, same model, batch, dtype and token
+     count), the ratio ours `full` / transformers, and each column's share of its memory floor: the tokens/s if every
+     forward read only what it must (every weight byte, and the keys and values of the slots its rows attend to: the
+     prompt and the thought tokens in the window) once, at the copy bandwidth measured here.
   2. Training step (`score` with checkpointed segments + GRPO loss + backward, no rollout): time and peak memory
      against rollout length for `full` (LoRA, `score` checkpointed in chunks of m tokens) and `pte`, same budget,
      with exact gradients and with `--truncate` (each segment back-propagated at once: memory fixed by the budget).
@@ -11,14 +13,16 @@
      for full, window, pte and pte --truncate side by side: rollout tokens/s, step time and peak memory of the
      second of two steps (the first warms up), at paper settings scaled down (`--prompts` x `--group` rows).
   `--gpu`: tables 1 to 3 (no peer) at the real shapes of `--gpu-model` (qwen2.5-3b) with random bf16 weights
-     on cuda: rollouts of 3,072 tokens at budget 1,024, batch 8, one training step at that length, and two GRPO
-     steps of 4 prompts x 8 rollouts of up to 2,048 tokens; it prints which SDPA kernel the masked attention ran.
+     on cuda: rollouts of 3,072 tokens at budget 1,024, batch 8 and 64 (table 1; -compiled: CUDA graphs), one
+     training step at that length, and two GRPO steps of 4 prompts x 8 rollouts of up to 2,048 tokens; it prints
+     which SDPA kernel the masked attention ran.
 
 Rollouts decode exactly `length` tokens (no EOS) from random prompts of `--prompt-len` tokens, timed over the whole
-`generate` call (prefill included) after a 4-token warm-up. `full` and `window` run the bare model, as transformers
-does; `pte` needs its adapter (rank 32 on q, k, v, o; B = 0, so it decodes the base model's tokens at the adapter's
-cost). The training step scores a rollout built without decoding: random tokens, all valid, the eviction schedule
-that generate records (its cost does not depend on the token values).
+`generate` call (prefill included) after a 4-token warm-up (which compiles the step for `-compiled`: the timed call
+may not compile again). `full` and `window` run the bare model, as transformers does; `pte` needs its adapter
+(rank 32 on q, k, v, o; B = 0, so it decodes the base model's tokens at the adapter's cost). The training step
+scores a rollout built without decoding: random tokens, all valid, the eviction schedule that generate records (its
+cost does not depend on the token values).
 Memory: on the CPU the peak resident memory (VmHWM) of a fresh subprocess per configuration, counted from the
 loaded model on (Linux clear_refs), beside its resident memory just after loading (the weights-only baseline);
 on cuda torch.cuda.max_memory_allocated beside torch.cuda.memory_allocated after loading.
@@ -41,9 +45,10 @@ import time
 
 import torch
 
-SMOLLM2 = os.path.expanduser("~/.cache/smollm2-135m-instruct")
-SMOLLM2_TOOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tools", "smollm2.sh")
-POLICIES = ("full", "window", "pte", "full-plain")  # full-plain: `full` through F.linear, without the blocked weights
+from model import resolve
+
+# full-plain: `full` through F.linear, without the blocked weights; -compiled: through rollout.compiled_step
+POLICIES = ("full", "window", "pte", "full-plain", "full-compiled", "window-compiled", "pte-compiled")
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
@@ -84,12 +89,17 @@ def rollout_hf(s, hf):
 def rollout_ours(s, model):
     from encoder import Adapter, AdapterConfig
     from rollout import CachePolicy, generate
-    policy = CachePolicy(s["policy"].removesuffix("-plain"), s["budget"])
-    adapter = Adapter(model.config, AdapterConfig("pte")).to(s["device"]) if s["policy"] == "pte" else None
+    name, _, variant = s["policy"].partition("-")
+    policy, compile = CachePolicy(name, s["budget"]), variant == "compiled"
+    adapter = Adapter(model.config, AdapterConfig("pte")).to(s["device"]) if name == "pte" else None
     batch = prompts(s, model.config.vocab_size).tolist()
-    generate(model, batch, policy, 4, adapter, eos_ids=[])
-    out, seconds = timed(lambda: generate(model, batch, policy, s["length"], adapter, eos_ids=[]), s["device"])
-    return dict(seconds=seconds, tokens=int(out.mask.sum()))
+    warm = generate(model, batch, policy, 4, adapter, eos_ids=[], compile=compile)
+    torch._dynamo.config.error_on_recompile = True  # the timed call reuses the warm-up's graph, whatever its length
+    out, seconds = timed(lambda: generate(model, batch, policy, s["length"], adapter, eos_ids=[], compile=compile),
+                         s["device"])
+    cfg = model.config
+    return dict(seconds=seconds, tokens=int(out.mask.sum()), compile_s=warm.stats["first_step_s"],
+                kv_bytes_per_slot=2 * cfg.n_layers * cfg.kv_dim * model.embed_tokens.weight.element_size())
 
 
 def train_step(s, model):
@@ -196,12 +206,20 @@ def model_config(name):
     return model.config_from_hf(model.REGISTRY[name][1])
 
 
-def copy_bandwidth(threads, mib=256):
+def copy_bandwidth(threads, device, mib=256):
     """Bytes per second of one large tensor copy (the bytes counted once), the best of five."""
     torch.set_num_threads(threads)
-    src = torch.ones(mib * 2**18)
+    src = torch.ones(mib * 2**18, device=device)
     dst = torch.empty_like(src)
-    return src.numel() * 4 / min(timed(lambda: dst.copy_(src), "cpu")[1] for _ in range(5))
+    return src.numel() * 4 / min(timed(lambda: dst.copy_(src), device)[1] for _ in range(5))
+
+
+def floor_tokens_per_s(a, policy, n, weight_bytes, kv_bytes_per_slot, bandwidth):
+    """Tokens/s if each of the n forwards of a rollout (the prefill, then one a token) read every weight byte and the
+    keys and values of the slots its rows attend to (the prompt and the thought tokens the policy keeps) once."""
+    window = n if policy.startswith("full") else a.budget - a.prompt_len
+    slots = sum(a.prompt_len + min(t, window) for t in range(n))  # a row's, over the n forwards
+    return a.batch * n * bandwidth / (n * weight_bytes + a.batch * slots * kv_bytes_per_slot)
 
 
 def header(title, a, lines, cols):
@@ -218,25 +236,32 @@ def row(cells):
 def rollout_table(a, base, peer):
     peer = peer and "full" in a.policies  # the peer is a full cache: it stands beside ours `full`
     impls = [("ours", p) for p in a.policies] + ([("transformers", "full")] if peer else [])
+    compiled = [p for p in a.policies if p.endswith("-compiled")]
     mib = []
     for i, n in enumerate(a.lengths):
         r = {p if impl == "ours" else impl: spawn(dict(base, impl=impl, kind="rollout", policy=p, length=n)) for impl, p in impls}
         tps = {k: v["tokens"] / v["seconds"] for k, v in r.items()}
         if i == 0:
-            w = next(iter(r.values()))["weight_bytes"]
-            floor = None if a.device.startswith("cuda") or "full" not in r else a.batch * copy_bandwidth(a.threads) / w
+            w, kv = r[a.policies[0]]["weight_bytes"], r[a.policies[0]]["kv_bytes_per_slot"]
+            bandwidth = copy_bandwidth(a.threads, a.device)
             lines = ["weights only (each subprocess just after loading): " + ", ".join(f"{k} {v['weights_mib']:.0f} MiB" for k, v in r.items())]
             if not a.device.startswith("cuda"):
                 lines.append("ours: generate adds a blocked copy of the fp32 weights while it decodes (model.packed_weights), "
                              "counted in its MiB")
-            if floor:
-                lines.append(f"bandwidth floor: {floor:.0f} tokens/s = batch x copy bandwidth ({floor * w / a.batch / 1e9:.1f} GB/s "
-                             f"at {a.threads} threads) / weight bytes ({w / 2**20:.0f} MiB)")
+            lines.append(f"(% of floor): of the tokens/s if each forward read once, at the copy bandwidth "
+                         f"({bandwidth / 1e9:.1f} GB/s), the weights ({w / 2**20:.0f} MiB) and the keys and values "
+                         f"of the slots its rows attend to ({kv / 2**10:.0f} KiB a slot): the prompt's and the "
+                         "thought tokens kept (`full`: all, else at most the window); -compiled attends over every "
+                         "slot of the preallocated cache under the mask")
             header("Rollout: tokens/s and peak memory (MiB) against generation length", a, lines,
-                   ["new tokens"] + [f"{k} tok/s" for k in r] + (["full / transformers"] if peer else [])
-                   + (["full % of floor"] if floor else []) + [f"{k} MiB" for k in r])
-        row([str(n)] + [f"{v:.1f}" for v in tps.values()] + ([f"{tps['full'] / tps['transformers']:.2f}"] if peer else [])
-            + ([f"{100 * tps['full'] / floor:.0f}%"] if floor else []) + [f"{v['peak_mib']:.0f}" for v in r.values()])
+                   ["new tokens"] + [f"{k} tok/s" + (" (% of floor)" if k != "transformers" else "") for k in r]
+                   + (["full / transformers"] if peer else []) + [f"{k} compile s" for k in compiled]
+                   + [f"{k} MiB" for k in r])
+        floor = {p: floor_tokens_per_s(a, p, n, w, kv, bandwidth) for p in a.policies}
+        row([str(n)] + [f"{v:.1f}" + (f" ({100 * v / floor[k]:.0f}%)" if k in floor else "") for k, v in tps.items()]
+            + ([f"{tps['full'] / tps['transformers']:.2f}"] if peer else [])
+            + [f"{r[k]['compile_s']:.0f}" for k in compiled]
+            + [f"{v['peak_mib']:.0f}" for v in r.values()])
         mib.append({k: v["peak_mib"] for k, v in r.items()})
     yardstick = a.lengths.index(512) if 512 in a.lengths[:-1] else 0  # the issue's: 4,096 tokens against 512
     evicting = [i for i, n in enumerate(a.lengths[:-1]) if n > a.budget - a.prompt_len]  # the window has evicted by then
@@ -283,10 +308,12 @@ def main():
     ap.add_argument("--prompts", type=int, default=None, help="table 3: prompts a step (default 4; --quick 2)")
     ap.add_argument("--group", type=int, default=None, help="table 3: rollouts a prompt (default 8; --quick 2)")
     ap.add_argument("--max-new", type=int, default=None, help="table 3: rollout token limit (default 2048; --quick 64)")
-    ap.add_argument("--policies", default="full,window,pte", help="table 1's policies (transformers runs beside full; "
-                    "full-plain: full through F.linear, to measure model.packed_weights)")
+    ap.add_argument("--policies", default="full,full-compiled,window,pte,pte-compiled", help="table 1's policies "
+                    "(transformers runs beside full; full-plain: full through F.linear, to measure "
+                    "model.packed_weights; -compiled: through the compiled decode step)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every subprocess")
-    ap.add_argument("--batch", type=int, default=None, help="default 8 (--quick: 4; --gpu --quick: 2)")
+    ap.add_argument("--batch", type=int, default=None, help="default 8 (--quick: 4; --gpu: 8, and 64 in table 1; "
+                    "--gpu --quick: 2)")
     ap.add_argument("--budget", type=int, default=None, help="cache budget, prompt included (default 1024, --quick 48)")
     ap.add_argument("--prompt-len", type=int, default=None, help="default 128 (--quick 16)")
     ap.add_argument("--lengths", default=None, help="comma-separated lengths (default 256,...,4096; --gpu 3072; --quick 32,64)")
@@ -299,6 +326,7 @@ def main():
     a.policies = [p for p in a.policies.split(",") if p]
     if not a.policies or set(a.policies) - set(POLICIES):
         ap.error(f"--policies {','.join(a.policies)}: choose from {','.join(POLICIES)}")
+    batches = [8, 64] if a.gpu and not (a.quick or a.batch) else None  # table 1's
     a.batch = a.batch or (2 if a.quick and a.gpu else 4 if a.quick else 8)
     a.tables = a.tables or ("1,2,3" if a.gpu else "1,2")
     a.prompts, a.group = a.prompts or (2 if a.quick else 4), a.group or (2 if a.quick else 8)
@@ -310,8 +338,11 @@ def main():
         a.model_name, a.dtype, path = a.gpu_model, "bfloat16" if a.device.startswith("cuda") else "float32", a.gpu_model
     else:
         a.model_name, a.dtype = "SmolLM2-135M-Instruct", "float32"
-        path = SMOLLM2 if os.path.isdir(SMOLLM2) else subprocess.run(
-            ["bash", SMOLLM2_TOOL], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        path = os.environ.get("PTE_SMOLLM2") or "smollm2-135m"  # a folder, else the registry name (Hugging Face cache)
+        try:
+            path = str(resolve(path))
+        except (ValueError, FileNotFoundError) as e:
+            ap.error(f"the CPU tables run the real SmolLM2-135M-Instruct: set PTE_SMOLLM2 to its folder ({e})")
     base = dict(model=path, random=a.gpu, dtype=a.dtype, device=a.device, threads=a.threads, batch=a.batch,
                 budget=a.budget, prompt_len=a.prompt_len)
     peer = not a.gpu
@@ -321,8 +352,8 @@ def main():
         print("transformers is not installed: the peer columns are left out", file=sys.stderr)
         peer = False
     t0 = time.perf_counter()
-    if "1" in a.tables:
-        rollout_table(a, base, peer)
+    for batch in (batches or [a.batch]) if "1" in a.tables else []:
+        rollout_table(argparse.Namespace(**dict(vars(a), batch=batch)), dict(base, batch=batch), peer)
     if "2" in a.tables:
         train_table(a, base)
     if "3" in a.tables:

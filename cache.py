@@ -100,6 +100,7 @@ class RingCache:
     slots: torch.Tensor | None = None  # (B,) the slot each row writes in the current decode step; None: the prefill
     used: int = 0  # slots [0, used) are attended over
     mask: torch.Tensor | None = None
+    static: bool = False  # decode attends over every slot under the mask: shapes that never change (a compiled step)
 
     @classmethod
     def allocate(cls, cfg, batch, prompt_slots, windows, dtype, device):
@@ -115,10 +116,10 @@ class RingCache:
         self.mask = attention_mask(self.pos[:, :self.used], positions, self.k.dtype)
 
     def write_thought(self, t, positions):
-        """Before the forward of thought token t: positions (B,) absolute."""
+        """Before the forward of thought token t (an int, or a 0-d tensor when static): positions (B,) absolute."""
         self.slots = self.prompt_slots + t % self.windows  # (B,)
         self.pos[torch.arange(len(positions), device=positions.device), self.slots] = positions
-        self.used = min(self.prompt_slots + t + 1, self.pos.shape[1])
+        self.used = self.pos.shape[1] if self.static else min(self.prompt_slots + t + 1, self.pos.shape[1])
         self.mask = attention_mask(self.pos[:, :self.used], positions[:, None], self.k.dtype)
 
     def evict(self, rows, slots, valid):
@@ -133,7 +134,10 @@ class RingCache:
             self.k[layer, :, :, :k.shape[2]], self.v[layer, :, :, :k.shape[2]] = k, v
         else:  # one token a row, each into its own ring's slot
             rows = torch.arange(k.shape[0], device=k.device)
-            self.k[layer][rows, :, self.slots], self.v[layer][rows, :, self.slots] = k[:, :, 0], v[:, :, 0]
+            # static: the layer a tensor too, one scatter into the whole cache, which a compiled step does in place
+            # (an int selects a view first, and the compiled scatter into that view copies the whole cache)
+            at = torch.full_like(rows, layer) if self.static else layer
+            self.k[at, rows, :, self.slots], self.v[at, rows, :, self.slots] = k[:, :, 0], v[:, :, 0]
         return self.k[layer, :, :, :self.used], self.v[layer, :, :, :self.used]
 
 

@@ -2,8 +2,9 @@
 
 read_problems reads one JSONL file in any usual field variant; resolve_data turns a data set name into a file, fetching
 a known one once from the Hugging Face hub; load_problems also makes the GENERATED sets (the toy's); encode_prompts
-sets aside the prompts that leave too few thought slots under the cache budget; chat_family and format_prompt write each model's chat template by hand
-(no jinja2 at run time; tests/test_data.py proves them equal to the models' own jinja templates).
+sets aside the prompts that leave too few thought slots under the cache budget; chat_family and format_prompt write
+each model's chat template by hand (no jinja2 at run time; tests/test_data.py proves them equal to the models' own
+jinja templates).
 Prompt (SPEC section 6, the Qwen2.5-Math CoT convention): the template around one user message
 `{problem}\\nPlease reason step by step, and put your final answer within \\boxed{}.` and no system message of our own
 (the template adds its default one, as apply_chat_template does), then the generation prompt.
@@ -104,7 +105,8 @@ def read_problems(path) -> list[dict]:
                     continue
                 problem = to_problem(json.loads(line), f"{path.stem}/{n}")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}, line {n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+                raise ValueError(f"{path}, line {n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                                 ) from None
             except ValueError as e:  # json.JSONDecodeError is a ValueError too
                 raise ValueError(f"{path}, line {n}: {e}") from None
             if problem["id"] in ids:  # eval keys its per-sample outputs by id
@@ -131,8 +133,9 @@ def _encode(tokenizer, text, ident):
     except Exception as e:  # tokenizers raises a bare Exception
         vocab, split = tokenizer.get_vocab(), tokenizer.pre_tokenizer
         unknown = [w for w, _ in split.pre_tokenize_str(text) if w not in vocab] if split else []
-        words = f"word(s) {', '.join(map(repr, unknown))} outside the tokenizer's vocabulary" if unknown else "cannot encode it"
-        raise ValueError(f"problem {ident!r}: {words} ({e})") from None
+        what = (f"word(s) {', '.join(map(repr, unknown))} outside the tokenizer's vocabulary" if unknown
+                else "cannot encode it")
+        raise ValueError(f"problem {ident!r}: {what} ({e})") from None
 
 
 def encode_prompts(problems, tokenizer, family, budget=None):

@@ -8,7 +8,9 @@ Per benchmark and policy: avg@k (mean correctness of all k samples of every prob
 with at least one right sample: with n = k samples the unbiased estimator of Chen et al. is exactly this), mean
 completion length in tokens (EOS included), share stopped by --max-new, and evictions per sample (those that came
 before the sample's last token, i.e. that changed what it saw). results.json keeps every setting behind the
-numbers; samples.jsonl every completion with its grade. A problem whose prompt leaves fewer than MIN_THOUGHT_SLOTS
+numbers; samples.jsonl every completion with its grade. --kl adds fidelity, for any model and adapter and without a
+grader: the mean per-token KL(full-cache base model || policy) over each completion's tokens after its first
+eviction, on the policy's own completions (token_kl). A problem whose prompt leaves fewer than MIN_THOUGHT_SLOTS
 thought slots under the budget is skipped and counted (`skipped`). With --adapter, the policy, budget and evict share
 default to those it was trained with. Rows are batched longest prompt first (less left padding); results come back
 in problem order. Under sampling the draws depend on the batching: reruns match with the same --batch-size and --seed.
@@ -30,20 +32,96 @@ import model as models
 import rollout
 from cache import MIN_THOUGHT_SLOTS
 from encoder import load_adapter
-from train import device_name, number
+
+def number(kind, low, high=None, above=False):
+    """An argparse type: a `kind` at least `low` (more than `low` if `above`) and at most `high`."""
+    def parse(text):
+        value = kind(text)  # ValueError: argparse says "invalid int value"
+        if not (value > low if above else value >= low) or (high is not None and not value <= high):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low}"
+                                             f"{'' if high is None else f' and <= {high}'}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def device_name(text):
+    """An argparse type: auto, cpu, cuda or cuda:N, checked against this machine."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine")
+    return text
+
 
 def summarize(records, samples, tokens_per_s):
-    """Per-sample records in problem order (`samples` consecutive rows a problem) -> the summary dict."""
+    """Per-sample records in problem order (`samples` consecutive rows a problem) -> the summary dict; with `kl`
+    records, kl: the per-token mean over all their scored tokens (None when no completion reached an eviction)."""
     groups = [records[i:i + samples] for i in range(0, len(records), samples)]
     mean = lambda key: sum(float(r[key]) for r in records) / len(records)  # noqa: E731
-    return dict(n=len(groups), samples=samples, accuracy=mean("correct"),
-                pass_at_k=sum(any(r["correct"] for r in g) for g in groups) / len(groups), mean_length=mean("length"),
-                truncated=mean("truncated"), evictions_per_sample=mean("evictions"), tokens_per_s=tokens_per_s)
+    summary = dict(n=len(groups), samples=samples, accuracy=mean("correct"),
+                   pass_at_k=sum(any(r["correct"] for r in g) for g in groups) / len(groups),
+                   mean_length=mean("length"), truncated=mean("truncated"), evictions_per_sample=mean("evictions"),
+                   tokens_per_s=tokens_per_s)
+    if "kl" in records[0]:
+        n_kl = sum(r["kl_tokens"] for r in records)
+        summary.update(kl=sum(r["kl"] * r["kl_tokens"] for r in records if r["kl_tokens"]) / n_kl if n_kl else None,
+                       kl_tokens=n_kl)
+    return summary
+
+
+class _NoHead:
+    """The model with an identity lm_head: `score` then hands its token_fn final hidden states (B, n, d), not logits."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    @staticmethod
+    def lm_head(h):
+        return h
+
+
+def token_kl(model, ro, policy, adapter=None):
+    """(B, T): per token of the rollout, KL(full-cache base model || the policy with its adapter) between their
+    next-token distributions at temperature 1. The teacher's hidden states (B, T, d) are kept, never its (B, T, V)
+    logits: they are recomputed beside the policy's, rollout.LOGIT_CHUNK positions at a time."""
+    with torch.no_grad():
+        hidden = rollout.score(_NoHead(model), ro, rollout.CachePolicy("full", policy.budget, policy.evict),
+                               use_checkpoint=False, token_fn=lambda h, _, span: h)  # (B, T, d)
+
+        def kl(logits, _, span):  # (B, n, V) -> (B, n)
+            teacher = torch.log_softmax(model.lm_head(hidden[:, span[0]:span[1]]).float(), -1)  # (B, n, V)
+            return (teacher.exp() * (teacher - torch.log_softmax(logits.float(), -1))).sum(-1)
+        return rollout.score(model, ro, policy, adapter, use_checkpoint=False, token_fn=kl)
+
+
+def row_evictions(ro, row):
+    """Thought indices before which `row` evicted (each row has its own window and schedule)."""
+    return ro.evictions[row]
+
+
+def kl_start(ro, policy, row):
+    """The first thought index whose prediction saw an eviction in `row` (None: none did): the one after the first
+    eviction; under `full`, the one a window of the same budget would have had (budget - prompt length + 1)."""
+    if policy.policy == "full":
+        return max(policy.budget - int(ro.prompt_lens[row]), 0) + 1
+    evictions = row_evictions(ro, row)
+    return evictions[0] + 1 if evictions else None
 
 
 def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=None, family=None, max_new=3072, samples=1,
-             temperature=0.0, top_p=1.0, batch_size=8, seed=0, progress=True):
+             temperature=0.0, top_p=1.0, batch_size=8, seed=0, progress=True, kl=False, compile=None):
     """Generate `samples` completions of each {"id", "problem", "answer"} under `policy` and grade them.
+    kl: also each completion's mean token_kl over its tokens after its first eviction (see kl_start), and their count.
     Returns (summary, records): see summarize; records in problem order, `samples` a problem."""
     if samples < 1 or batch_size < 1:
         raise ValueError(f"--samples and --batch-size must be at least 1, got {samples} and {batch_size}")
@@ -57,14 +135,21 @@ def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=No
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         out = rollout.generate(model, [prompts[i] for i, _ in batch], policy, max_new, adapter, temperature, top_p,
-                               generator=generator)
+                               generator=generator, compile=compile)
+        if start == 0 and out.stats.get("first_step_s"):
+            bar.write(f"compiled decode step: first call {out.stats['first_step_s']:.1f} s (compiling included)")
         seconds, tokens = seconds + out.stats["seconds"], tokens + out.stats["tokens"]
+        per_token = token_kl(model, out, policy, adapter) if kl else None  # (b, T)
         for b, ((i, s), n) in enumerate(zip(batch, out.mask.sum(1).tolist())):  # the mask is a prefix of each row
             text = tokenizer.decode(out.tokens[b, :n].tolist(), skip_special_tokens=True)
             gold = problems[i]["answer"]
             done[i, s] = dict(id=problems[i]["id"], sample=s, completion=text, answer=grade.extract_answer(text), gold=gold,
                               correct=grade.score(text, gold) == 1.0, length=n, truncated=bool(out.truncated[b]),
-                              evictions=sum(t < n - 1 for t in out.evictions[b]))
+                              evictions=sum(t < n - 1 for t in row_evictions(out, b)))
+            if kl:
+                start = kl_start(out, policy, b)
+                scored = per_token[b, start:n] if start is not None else per_token[b, :0]
+                done[i, s].update(kl=scored.mean().item() if len(scored) else None, kl_tokens=len(scored))
         bar.update(len(batch))
     bar.close()
     records = [done[i, s] for i in range(len(problems)) for s in range(samples)]
@@ -73,11 +158,13 @@ def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=No
 
 def table(results):
     """Markdown table of (bench, policy) summaries."""
-    head = "| bench | policy | n | skipped | k | avg@k | pass@k | mean length | truncated | evictions/sample | tokens/s |"
+    head = ("| bench | policy | n | skipped | k | avg@k | pass@k | mean length | KL to full | truncated "
+            "| evictions/sample | tokens/s |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in results:
-        lines.append(f"| {r['bench']} | {r['policy']} | {r['n']} | {r['skipped']} | {r['samples']} | {100 * r['accuracy']:.1f} | "
-                     f"{100 * r['pass_at_k']:.1f} | {r['mean_length']:.0f} | {100 * r['truncated']:.0f}% | "
+        lines.append(f"| {r['bench']} | {r['policy']} | {r['n']} | {r['skipped']} | {r['samples']} | "
+                     f"{100 * r['accuracy']:.1f} | {100 * r['pass_at_k']:.1f} | {r['mean_length']:.0f} | "
+                     f"{'-' if r.get('kl') is None else format(r['kl'], '.4f')} | {100 * r['truncated']:.0f}% | "
                      f"{r['evictions_per_sample']:.1f} | {r['tokens_per_s']:.1f} |")
     return "\n".join(lines)
 
@@ -90,7 +177,8 @@ def parser():
     p.add_argument("--data-dir", help="where {name}.jsonl live (default: $PTE_DATA, else data/)")
     p.add_argument("--policy", help="comma-separated full|window|pte (default: the adapter's, else full)")
     p.add_argument("--cache", type=number(int, 1), help="cache budget in tokens: prompt + thought slots (default: the "
-                   f"adapter's, else 1024); a prompt that leaves fewer than {MIN_THOUGHT_SLOTS} thought slots is skipped and counted")
+                   f"adapter's, else 1024); a prompt that leaves fewer than {MIN_THOUGHT_SLOTS} thought slots is "
+                   "skipped and counted")
     p.add_argument("--evict", type=number(float, 0, 1, above=True),
                    help="share of the thought window evicted at a time (default: the adapter's, else 0.25)")
     p.add_argument("--max-new", type=number(int, 1), default=3072)
@@ -100,10 +188,14 @@ def parser():
     p.add_argument("--batch-size", type=number(int, 1), default=8, help="rows a forward")
     p.add_argument("--limit", type=number(int, 1), help="the first N problems of each benchmark")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kl", action="store_true", help="also the mean per-token KL(full-cache base model || policy) after "
+                   "each completion's first eviction (under full: where a window of --cache would first evict)")
     p.add_argument("--out", help="a new or empty folder (default: runs/eval-<timestamp>)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--device", type=device_name, default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=number(int, 1), help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="decode through the compiled step (rollout.compiled_step; default: on cuda, off on the CPU)")
     return p
 
 
@@ -125,9 +217,8 @@ def with_adapter_defaults(args):
     args.policy = args.policy or meta.get("policy", "full")
     args.cache = args.cache or trained.get("cache", 1024)
     args.evict = args.evict or trained.get("evict", 0.25)
-    model = trained.get("model")
-    if model is not None and str(model) != args.model and not (Path(str(model)).is_dir() and Path(args.model).is_dir()
-                                                                and Path(str(model)).resolve() == Path(args.model).resolve()):
+    model = str(trained.get("model", args.model))
+    if model != args.model and not (Path(model).is_dir() and Path(model).resolve() == Path(args.model).resolve()):
         print(f"WARNING: the adapter {args.adapter} was trained on --model {model}, not {args.model}", file=sys.stderr)
     return args
 
@@ -148,7 +239,8 @@ def run(args, argv):
     for name, problems in benches.items():
         benches[name], _, skipped[name] = data.encode_prompts(problems, tokenizer, family, budget)
         if not benches[name]:
-            raise ValueError(f"{name}: every prompt leaves fewer than {MIN_THOUGHT_SLOTS} thought slots at --cache {args.cache}")
+            raise ValueError(f"{name}: every prompt leaves fewer than {MIN_THOUGHT_SLOTS} thought slots at "
+                             f"--cache {args.cache}")
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     net = models.load(args.model, None if args.dtype == "auto" else getattr(torch, args.dtype), device)
     adapter = load_adapter(args.adapter, net.config, device) if args.adapter else None
@@ -165,7 +257,8 @@ def run(args, argv):
         for bench, problems in benches.items():
             for policy in policies:
                 summary, records = evaluate(net, tokenizer, problems, policy, adapter, family, args.max_new, args.samples,
-                                            args.temperature, args.top_p, args.batch_size, args.seed)
+                                            args.temperature, args.top_p, args.batch_size, args.seed, kl=args.kl,
+                                            compile=args.compile)
                 results["results"].append(dict(bench=bench, policy=policy.policy, budget=policy.budget,
                                                evict=policy.evict, skipped=skipped[bench], **summary))
                 f.writelines(json.dumps(dict(bench=bench, policy=policy.policy, **r), ensure_ascii=False) + "\n"

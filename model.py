@@ -11,7 +11,8 @@ has one, tied or untied `lm_head`. Two hooks make it the base of everything else
 with a message that names the problem. Departure from `transformers`: none intended; tests prove parity.
 Speed: decoding attends with one query per row through two plain matmuls (`attend_one`, no copy of the cache per
 query head), and on the CPU (fp32, no grad) may run the linears through oneDNN's blocked copy of the weights
-(`packed_weights`). Masked attention over several queries expands the KV heads on cuda (`attend_masked`).
+(`packed_weights`; in a compiled decode step through `packed_linear`). Masked attention over several queries expands
+the KV heads on cuda (`attend_masked`).
 """
 import json
 import math
@@ -49,8 +50,8 @@ class ModelConfig:
 
 
 SUPPORTED = ("qwen2", "llama")
-COUNT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-              "intermediate_size")
+COUNT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "intermediate_size")
 SCALE_KEYS = ("rms_norm_eps", "rope_theta")
 
 
@@ -140,10 +141,19 @@ def apply_rope(x, cos, sin):
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")  # private ops
 
 
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+# the same as an op torch.compile calls as is: inductor cannot lower oneDNN's opaque blocked tensor
+packed_linear = torch.library.custom_op("pte::packed_linear", onednn_linear, mutates_args=())
+packed_linear.register_fake(lambda x, packed, bias: x.new_empty(*x.shape[:-1], packed.shape[0]))
+
+
 def dense(x, linear):
     """linear(x), through oneDNN with the blocked copy of the weight that `packed_weights` made, if any."""
-    if hasattr(linear, "packed"):
-        return torch.ops.mkldnn._linear_pointwise(x, linear.packed, linear.bias, "none", [], "")
+    if hasattr(linear, "packed"):  # eager calls the oneDNN op itself: the custom op's dispatch costs ~10 us a call
+        return (packed_linear if torch.compiler.is_compiling() else onednn_linear)(x, linear.packed, linear.bias)
     return F.linear(x, linear.weight, linear.bias)
 
 

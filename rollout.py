@@ -6,6 +6,11 @@ eviction folds the evicted keys and values into that row's cores S. No autograd.
 each sampled token under softmax(logits / temperature) (top-p truncation is not renormalised into it, as in TRL and
 verl), so that `score` can reproduce it exactly.
 
+`generate(compile=True)` (the default on cuda) decodes through `compiled_step`: each step, all layers and one token
+a row, is one torch.compile graph over the same cache (CUDA graphs on cuda), with the step and every slot as index
+tensors; it attends over every slot under the mask (eager: over the slots filled so far), so no shape changes between
+steps. Evictions and folds into S stay outside the graph (once per eviction).
+
 `score` replays prompt and completion under the same policy in four named steps (SPEC section 4):
 1. `plan_segments`: cut the fed tokens at every row's evictions, and runs longer than the smallest m into chunks of
    it. paper: a segment is a run between evictions; here: runs between any row's evictions, cut to at most m
@@ -121,10 +126,38 @@ def _evict(cache, sched, rows, evicted, device):
     return rows, cache.evict(rows, slots, valid), slots, valid
 
 
+def decode_step(model, adapter, k, v, pos, windows, prompt_slots, t, token, lens, cores):
+    """Thought token t (a 0-d tensor) of every row, token (B,), over a static RingCache of these tensors -> logits
+    (B, V). Every shape is the cache's and every index a tensor, so one graph serves all steps of a generate call."""
+    cache = RingCache(k, v, pos, windows, prompt_slots, static=True)
+    cache.write_thought(t, lens + t)
+    return dense(model.hidden(token[:, None], (lens + t)[:, None], cache, adapter, cores)[:, -1], model.lm_head)
+
+
+def compiled_step(cache):
+    """decode_step as one compiled graph. On cuda, CUDA graphs (mode reduce-overhead): a step costs its kernels,
+    not Python; the graph writes into the cache in place, so the cache's tensors are marked static (fixed addresses).
+    On the CPU, inductor fuses the small ops (RoPE, norms, SwiGLU, masks) between the linears."""
+    if cache.k.device.type != "cuda":
+        return torch.compile(decode_step, fullgraph=True, dynamic=True)
+    for x in (cache.k, cache.v, cache.pos):
+        torch._dynamo.mark_static_address(x)
+    step = torch.compile(decode_step, fullgraph=True, dynamic=True, mode="reduce-overhead")
+
+    def run(*args):
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: their memory may be reused
+        return step(*args)
+    return run
+
+
 @torch.no_grad()
 def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, temperature=0.0, top_p=1.0,
-             eos_ids=None, pad_id=None, generator=None):
-    """Sample completions of token-list prompts under the cache policy. See Rollout for what comes back."""
+             eos_ids=None, pad_id=None, generator=None, compile=None):
+    """Sample completions of token-list prompts under the cache policy. See Rollout for what comes back.
+    compile: decode through `compiled_step` (the same tokens and log-probs up to float rounding; the first call of a
+    process compiles it: stats["first_step_s"]), else step by step in eager mode, the reference; None: on cuda only
+    (on the CPU it is no faster than eager's oneDNN linears once the window is full, and slower while it fills, as it
+    attends over every slot: bench.py table 1)."""
     _check(policy, adapter)
     cfg, device, dtype = model.config, model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     eos = torch.tensor(list(eos_ids if eos_ids is not None else cfg.eos_ids) or [-1], device=device)
@@ -134,6 +167,8 @@ def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, tempera
     sched = policy.schedule([len(p) for p in prompts], max_new)
     evicting = sched.evicting(max_new)  # {t: rows}
     cache = RingCache.allocate(cfg, B, P, sched.windows, dtype, device)
+    compile = device.type == "cuda" if compile is None else compile
+    step, first_step_s = compiled_step(cache) if compile else None, None
     with packed_weights(model):  # CPU fp32: a second, blocked copy of the weights while decoding (1.9x: bench.py)
         cores = adapter.initial_cores(B) if adapter is not None else None
         t0 = time.perf_counter()
@@ -162,12 +197,21 @@ def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, tempera
                     folded, ratio = fold(adapter, cores[:, rows], layers, pos, valid, model.inv_freq)
                     cores = cores.index_copy(1, rows, folded)
                     ratios.append(ratio.item())
-            cache.write_thought(t, lens + t)
-            logits = dense(model.hidden(token[:, None], (lens + t)[:, None], cache, adapter, cores)[:, -1], model.lm_head)
+            if step is None:
+                cache.write_thought(t, lens + t)
+                h = model.hidden(token[:, None], (lens + t)[:, None], cache, adapter, cores)  # (B, 1, d)
+                logits = dense(h[:, -1], model.lm_head)
+            else:
+                t1 = time.perf_counter()
+                cores = cores if cores is None else cores.contiguous()  # S(0) is expanded over the rows: one layout
+                logits = step(model, adapter, cache.k, cache.v, cache.pos, cache.windows, P,
+                              torch.full((), t, device=device), token, lens, cores)  # (B, V)
+                first_step_s = first_step_s or time.perf_counter() - t1
     seconds = time.perf_counter() - t0
     tokens, logprobs, mask = tokens[:, :steps], logprobs[:, :steps], masks[:, :steps]
     stats = dict(seconds=seconds, tokens=int(mask.sum()), tokens_per_s=int(mask.sum()) / seconds, steps=steps,
-                 cache_slots=cache.pos.shape[1], cache_slots_used=cache.used, windows=sched.windows,
+                 cache_slots=cache.pos.shape[1], cache_slots_used=cache.pos.shape[1] if compile else cache.used,
+                 first_step_s=first_step_s, windows=sched.windows,
                  evictions=sum(map(len, evictions)) / B, s_update_ratio=sum(ratios) / len(ratios) if ratios else None)
     return Rollout(prompt, lens, tokens, logprobs, mask, ~done, evictions, stats)
 

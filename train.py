@@ -6,8 +6,10 @@ the cache and the chain of S), and take one AdamW step on the adapter and encode
 model is frozen). One update per batch, so the PPO ratio is 1 and the clip is inert unless --epochs > 1.
 Several GPUs or nodes: `torchrun --nproc_per_node N train.py ...` (DistributedDataParallel over the adapter;
 each rank rolls out its share of the prompts; rank 0 alone writes). Checkpoints are written atomically
-(a temporary folder, renamed) and `--resume DIR` continues exactly: every step reseeds its sampler from
-(seed, step, rank) and derives its prompts from (seed, step), so no generator state has to be carried over.
+(a temporary folder, renamed) and `--resume DIR` continues exactly, with the run's own settings.json: every step
+reseeds its sampler from (seed, step, rank) and derives its prompts from (seed, step), so no generator state has
+to be carried over. Ctrl-C or SIGTERM stop with a checkpoint of the last completed step (a step whose update has
+not begun is dropped). Prompts that leave the cache too few thought slots are set aside when the data is loaded.
 
 Choices the paper leaves open (SPEC section 5): group 8, temperature 1.0, beta 0.02 for the toy (it breaks
 without a KL anchor) and 0 for real models (the usual LoRA-free recipes), token-mean loss.
@@ -37,45 +39,20 @@ import data
 import grade
 import plot
 from encoder import Adapter, AdapterConfig, load_adapter, param_groups, save_adapter, trainable
+from eval import device_name, evaluate, number
 from grpo import group_advantages, grpo_loss
-from model import load, load_tokenizer, resolve
 from cache import MIN_THOUGHT_SLOTS
+from model import load, load_tokenizer, resolve
 from rollout import CachePolicy, Rollout, generate, score
 
 PAPER_DEFAULTS = dict(policy="pte", cache=1024, evict=0.25, rank=32, globals=32, targets="q,k,v,o", lr=1e-5, grad_clip=1.0,
                       max_new=3072, group=8, prompts_per_step=64, steps=200, temperature=1.0, beta=0.0, loss="token-mean",
                       micro_batch=8, eval_every=50, eval_size=64, save_every=25, data="math_train")
 SHAPE_KEYS = ("model", "policy", "rank", "globals", "targets")  # a checkpoint must agree on these to be resumed
-SAFE_ON_RESUME = ("steps", "save_every", "eval_every", "log_samples_every", "micro_batch", "threads", "device")
+SAFE_ON_RESUME = ("steps", "save_every", "eval_every", "log_samples_every", "micro_batch", "threads", "device",
+                  "data_dir", "compile")  # how long, how often, on what: not what the run computes
 NOT_SETTINGS = ("resume", "out")  # where the run lives, not how it runs
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-def number(kind, low, high=None, above=False):
-    """An argparse type: a `kind` at least `low` (more than `low` if `above`) and at most `high`."""
-    def parse(text):
-        value = kind(text)  # ValueError: argparse says "invalid int value"
-        if not (value > low if above else value >= low) or (high is not None and not value <= high):
-            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low}"
-                                             f"{'' if high is None else f' and <= {high}'}, got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def device_name(text):
-    """An argparse type: auto, cpu, cuda or cuda:N, checked against this machine."""
-    if text == "auto":
-        return text
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine")
-    return text
 
 
 def target_names(text):
@@ -133,11 +110,12 @@ def parser():
     a("--truncate", action="store_true", help="truncated backprop: each segment back-propagates at once against "
       "the cache and S as constants (PAPER Q7); memory fixed by --cache instead of growing with the rollout")
     a("--data", help="training problems: comma-separated JSONL paths or names (math_train, gsm8k, dapo-math-17k, ...). "
-      "The paper trained on DAPO-Math-17K (--data dapo-math-17k, fetched once from the Hugging Face hub); our offline "
-      "default is MATH's 7,500 training problems")
+      "The paper trained on DAPO-Math-17K (--data dapo-math-17k, fetched once from the Hugging Face hub); our default, "
+      "math_train (MATH's training problems), also works offline from a local file")
     a("--data-dir", help="where names resolve: default $PTE_DATA, else data/")
-    a("--eval-data", help="held-out problems from their own data set (its first --eval-size) instead of split off --data")
-    a("--eval-size", type=number(int, 0), help="held-out problems for --eval-every and the closing table (split off the training data)")
+    a("--eval-data", help="held-out problems from a data set of their own (its first --eval-size), "
+      "not split off --data")
+    a("--eval-size", type=number(int, 0), help="held-out problems for --eval-every and the closing table")
     a("--eval-every", type=number(int, 0), help="steps between held-out accuracy checks (0: never)")
     a("--save-every", type=number(int, 1), help="steps between checkpoints")
     a("--out", help="run folder, new or empty (default runs/<model>-<policy>-<time>)")
@@ -147,7 +125,10 @@ def parser():
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="base model dtype (auto: checkpoint's on GPU, fp32 on CPU)")
     a("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     a("--threads", type=number(int, 1), help="CPU threads (torch.set_num_threads)")
-    a("--log-samples-every", type=number(int, 0), default=10, help="steps between sample completions written to samples.jsonl")
+    a("--compile", action=argparse.BooleanOptionalAction,
+      help="decode through the compiled step (rollout.compiled_step; default: on cuda, off on the CPU)")
+    a("--log-samples-every", type=number(int, 0), default=10,
+      help="steps between sample completions written to samples.jsonl")
     return p, builtin
 
 
@@ -175,10 +156,11 @@ def resumed_settings(p, run: Path, given):
     if "out" in given:
         p.error(f"--out with --resume: the run continues in its own folder {run}")
     changed = {k: v for k, v in given.items() if k in settings and settings[k] != v}
-    refused = [f"--{k.replace('_', '-')} {v} (the run has {settings[k]})" for k, v in changed.items() if k not in SAFE_ON_RESUME]
+    refused = [f"--{k.replace('_', '-')} {v} (the run has {settings[k]})" for k, v in changed.items()
+               if k not in SAFE_ON_RESUME]
     if refused:
-        p.error(f"--resume {run}: these flags would change the run: {'; '.join(refused)}. Drop them to continue it as it "
-                f"was, or start a new run with --out (only {', '.join(SAFE_ON_RESUME)} may change on resume)")
+        p.error(f"--resume {run}: these flags would change the run: {'; '.join(refused)}. Drop them to continue it "
+                f"as it was, or start a new run with --out (only {', '.join(SAFE_ON_RESUME)} may change on resume)")
     resumed = settings.get("resumed", []) + [dict(changed={k: [settings[k], v] for k, v in changed.items()})]
     return {**settings, **changed, "resumed": resumed}
 
@@ -189,11 +171,12 @@ def parse_args(argv=None):
     p, builtin = parser()
     args = p.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
-    if args.resume:
-        defaults = resumed_settings(p, Path(args.resume), given)
+    if args.resume:  # a flag newer than the run keeps its built-in default
+        defaults = {**builtin, **resumed_settings(p, Path(args.resume), given)}
     else:
         if args.out and is_run(Path(args.out)):
-            p.error(f"--out {args.out} holds a run already: continue it with --resume {args.out}, or name another --out")
+            p.error(f"--out {args.out} holds a run already: continue it with --resume {args.out}, "
+                    "or name another --out")
         defaults = {**builtin, **PAPER_DEFAULTS, **model_defaults(p, args.model or builtin["model"])}
     for k, v in defaults.items():
         if k in vars(args) and k not in NOT_SETTINGS and getattr(args, k) is None:
@@ -402,7 +385,8 @@ def stop_on_signals(raise_at_once):
         if raise_at_once and not request["committing"]:
             raise Stop(signum)
     main_thread = threading.current_thread() is threading.main_thread()  # handlers can only be set there
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)
+                if main_thread and signal.getsignal(sig) is not signal.SIG_IGN}  # an ignored signal stays ignored
     try:
         yield request
     finally:
@@ -444,7 +428,6 @@ def peak_memory_gb(device):
 
 
 def held_out_table(model, tokenizer, problems, family, adapter, cache_policy, args):
-    from eval import evaluate
     rows = [("base, full cache", None, CachePolicy("full", args.cache, args.evict))]
     if cache_policy.policy != "full":
         rows.append((f"base, {'window' if cache_policy.policy == 'pte' else cache_policy.policy}", None,
@@ -476,7 +459,8 @@ def train(args, stop):
     train_set, train_ids, set_aside = data.encode_prompts(train_set, tokenizer, family, budget)
     held_out, _, held_out_set_aside = data.encode_prompts(held_out, tokenizer, family, budget)
     if not train_set:
-        raise ValueError(f"--cache {args.cache}: every training prompt leaves fewer than {MIN_THOUGHT_SLOTS} thought slots")
+        raise ValueError(f"--cache {args.cache}: every training prompt leaves fewer than {MIN_THOUGHT_SLOTS} "
+                         "thought slots")
     train_set = [dict(p, prompt_ids=ids) for p, ids in zip(train_set, train_ids)]
     dtype = dict(auto=None, bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[args.dtype]
     model = load(args.model, dtype=dtype, device=device)
@@ -508,8 +492,8 @@ def train(args, stop):
         out.mkdir(parents=True, exist_ok=True)
         (out / "settings.json.tmp").write_text(json.dumps(settings, indent=1))
         os.replace(out / "settings.json.tmp", out / "settings.json")
-        aside = (f" ({set_aside} set aside: prompt leaves fewer than {MIN_THOUGHT_SLOTS} thought slots at cache {args.cache})"
-                 if set_aside or held_out_set_aside else "")
+        aside = (f" ({set_aside} set aside: prompt leaves fewer than {MIN_THOUGHT_SLOTS} thought slots at cache "
+                 f"{args.cache})" if set_aside or held_out_set_aside else "")
         print(f"{args.model}: {sum(p.numel() for p in trainable(adapter)):,} trainable parameters ({mode} adapter), "
               f"policy {args.policy}, cache {args.cache}, {len(train_set)} training problems{aside}, "
               f"{len(held_out)} held out{f' ({held_out_set_aside} set aside)' if held_out_set_aside else ''}, "
@@ -535,7 +519,10 @@ def train(args, stop):
         problems = step_prompts(train_set, step, args, rank, world)
         prompts = [p["prompt_ids"] for p in problems for _ in range(args.group)]
         gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 1009 + rank)  # a function of the step: resumable
-        ro = generate(model, prompts, cache_policy, args.max_new, adapter, args.temperature, args.top_p, generator=gen)
+        ro = generate(model, prompts, cache_policy, args.max_new, adapter, args.temperature, args.top_p, generator=gen,
+                      compile=args.compile)
+        if step == start and ro.stats.get("first_step_s"):
+            tqdm.write(f"compiled decode step: first call {ro.stats['first_step_s']:.1f} s (compiling included)")
         texts = [tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(ro.tokens, ro.mask)]
         rewards = torch.tensor([grade.score(t, p["answer"]) for t, p in zip(texts, (p for p in problems for _ in range(args.group)))], device=device)
         adv = group_advantages(rewards, args.group, std_norm=not args.no_std) if args.objective == "grpo" else rewards
@@ -569,9 +556,8 @@ def train(args, stop):
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_checkpoint(out, step + 1, adapter, optimizer, settings)
         if args.eval_every and (step + 1) % args.eval_every == 0 and held_out:
-            from eval import evaluate
             summary, _ = evaluate(model, tokenizer, held_out, cache_policy, adapter=adapter, family=family, max_new=args.max_new,
-                                  batch_size=max(args.micro_batch, 16), progress=False)
+                                  batch_size=max(args.micro_batch, 16), progress=False, compile=args.compile)
             tqdm.write(f"step {step + 1}: held-out accuracy {summary['accuracy']:.3f} ({len(held_out)} problems)")
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(dict(step=step + 1, held_out_accuracy=summary["accuracy"])) + "\n")
@@ -596,13 +582,17 @@ def main(argv=None):
         except Stop as e:
             signum = e.args[0]
             if "on_stop" not in stop:
-                print(f"\n{signal.Signals(signum).name}: stopped before the first step: nothing to save", file=sys.stderr)
+                print(f"\n{signal.Signals(signum).name}: stopped before the first step: nothing to save",
+                      file=sys.stderr)
             else:
                 stop["committing"] = True  # a second signal must not tear the checkpoint
                 out, done = stop["on_stop"]()
+                world = int(os.environ.get("WORLD_SIZE", 1))
+                launcher = "python" if world == 1 else f"torchrun --nproc_per_node {world}"
                 if int(os.environ.get("RANK", 0)) == 0:
-                    print(f"\n{signal.Signals(signum).name}: stopped; the checkpoint of step {done} is in {out / f'step-{done:06d}'}. "
-                          f"Continue with:\n  python train.py --resume {shlex.quote(str(out))}", file=sys.stderr)
+                    print(f"\n{signal.Signals(signum).name}: stopped; the checkpoint of step {done} is in "
+                          f"{out / f'step-{done:06d}'}. Continue with:\n"
+                          f"  {launcher} train.py --resume {shlex.quote(str(out))}", file=sys.stderr)
             raise SystemExit(128 + signum) from None
 
 

@@ -1,6 +1,6 @@
-"""Shared fixtures: tiny random checkpoints saved by transformers; the real SmolLM2 folder, the Qwen2.5 tokenizer and the
-benchmark data, found through environment variables (PTE_SMOLLM2, PTE_QWEN_TOKENIZER, PTE_DATA) or the Hugging Face
-cache and skipped with the way to get them where absent (.ci/run points the variables at ../shared)."""
+"""Shared fixtures: tiny random checkpoints saved by transformers; the real SmolLM2 folder, the Qwen2.5 tokenizer and
+the benchmark data, found through environment variables (PTE_SMOLLM2, PTE_QWEN_TOKENIZER, PTE_DATA) or the Hugging
+Face cache and skipped with the way to get them where absent (.ci/run sets the variables)."""
 import os
 import sys
 from pathlib import Path
@@ -38,10 +38,12 @@ def tiny_qwen(tmp_path_factory):
 
 def hub_snapshot(repo_glob, *files):
     """The newest folder of the local Hugging Face cache (HF_HUB_CACHE, else $HF_HOME/hub) that holds `files`
-    among the snapshots of the repos matching `repo_glob` (e.g. Qwen/Qwen2.5-*-Instruct); None when there is none.
+    among the snapshots of the repos matching `repo_glob` (e.g. Qwen/Qwen2.5-[0-9]*B-Instruct); None when there is none.
     Never downloads: tests do not touch the network."""
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub")
-    found = [s for s in hub.glob(f"models--{repo_glob.replace('/', '--')}/snapshots/*") if all((s / f).is_file() for f in files)]
+    home = Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
+    hub = Path(os.environ.get("HF_HUB_CACHE") or home / "hub")
+    snapshots = hub.glob(f"models--{repo_glob.replace('/', '--')}/snapshots/*")
+    found = [s for s in snapshots if all((s / f).is_file() for f in files)]
     return max(found, key=os.path.getmtime) if found else None
 
 
@@ -60,31 +62,36 @@ def folder_from(variable, repo_glob, files, how):
     return folder
 
 
+SMOLLM2 = ("PTE_SMOLLM2", "HuggingFaceTB/SmolLM2-135M-Instruct", ("config.json", "model.safetensors", "tokenizer.json"),
+           "pip install huggingface_hub && huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct")
+QWEN_TOKENIZER = ("PTE_QWEN_TOKENIZER", "Qwen/Qwen2.5-[0-9]*B-Instruct",  # not -Math- or -Coder-: other templates
+                  ("tokenizer.json", "tokenizer_config.json"),
+                  "pip install huggingface_hub && huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct "
+                  "tokenizer.json tokenizer_config.json")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct: $PTE_SMOLLM2, else the Hugging Face cache; skipped where absent."""
-    return folder_from("PTE_SMOLLM2", "HuggingFaceTB/SmolLM2-135M-Instruct", ("config.json", "model.safetensors", "tokenizer.json"),
-                       "pip install huggingface_hub && huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct")
+    return folder_from(*SMOLLM2)
 
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir():
     """A folder with the Qwen2.5 tokenizer.json and tokenizer_config.json (chat template): $PTE_QWEN_TOKENIZER, else
     any Qwen2.5 Instruct model in the Hugging Face cache; skipped where absent."""
-    return folder_from("PTE_QWEN_TOKENIZER", "Qwen/Qwen2.5-*-Instruct", ("tokenizer.json", "tokenizer_config.json"),
-                       "pip install huggingface_hub && huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct "
-                       "tokenizer.json tokenizer_config.json")
+    return folder_from(*QWEN_TOKENIZER)
 
 
 @pytest.fixture(scope="session")
 def data_dir():
-    """The folder of the benchmark JSONL files (math500.jsonl, math_train.jsonl, ...): $PTE_DATA; skipped where unset."""
-    if not os.environ.get("PTE_DATA"):
-        pytest.skip("benchmark data: set PTE_DATA to a folder of math500.jsonl, olympiadbench.jsonl, math_train.jsonl, ... "
-                    "(one {\"problem\", \"answer\"} object a line; data.py's KNOWN lists the Hugging Face sources)")
-    folder = Path(os.environ["PTE_DATA"]).expanduser()
-    if not folder.is_dir():
-        pytest.fail(f"$PTE_DATA={folder} is not a folder")
+    """The folder of the benchmark JSONL files (math500.jsonl, math_train.jsonl, ...): $PTE_DATA, else the repository's
+    data/ (where data.resolve_data looks too) when it holds them; skipped where neither does."""
+    folder = Path(os.environ.get("PTE_DATA") or ROOT / "data").expanduser()
+    if not (folder / "math500.jsonl").is_file():
+        pytest.skip(f"benchmark data not in {folder}: set PTE_DATA to a folder of math500.jsonl, olympiadbench.jsonl, "
+                    "math_train.jsonl, ... (one {\"problem\", \"answer\"} object a line; ours are the copies in "
+                    "github.com/agentica-project/rllm, rllm/data/{test,train}/math: see the README's Tests section)")
     return folder
 
 

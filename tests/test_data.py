@@ -260,6 +260,65 @@ def test_missing_and_empty_files(tmp_path):
             read_problems(tmp_path / "empty.jsonl")
 
 
+def test_non_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"problem": "P", "answer": "2"}\n{"problem": "caf\xe9", "answer": "1"}\n')
+    with pytest.raises(ValueError, match=rf"{path}, line 2: not UTF-8 text \(byte 0xe9 at column 17\)"):
+        read_problems(path)
+
+
+# --- load_problems and encode_prompts: the data path of train.py and eval.py -----------------------------------------
+
+def test_generated_sets_are_the_toys_problems():
+    import toy
+    assert data.load_problems("toy-eval", seed=5)[:7] == toy.make_problems(7, toy.EVAL_SEED)  # any seed: one test set
+    assert data.load_problems("toy-train", seed=5) == toy.make_problems(20_000, 5)
+
+
+def test_prompts_that_leave_too_few_thought_slots_are_set_aside():
+    """Each prompt against the budget on its own (SPEC section 2: W_i = budget - len_i): at budget 23 the 19-token toy
+    prompts leave exactly MIN_THOUGHT_SLOTS = 4 and stay; the 20- and 21-token ones leave 3 and 2 and go."""
+    import toy
+    from cache import MIN_THOUGHT_SLOTS
+    tokenizer = toy.make_tokenizer()
+    base = toy.make_problems(3, 0)
+    problems = [base[0], dict(base[1], problem=base[1]["problem"].replace("<sep>", "1 <sep>")), base[2],
+                dict(base[0], id="x", problem=base[0]["problem"].replace("<sep>", "1 2 <sep>"))]
+    kept, ids, set_aside = data.encode_prompts(problems, tokenizer, None, budget=23)
+    assert MIN_THOUGHT_SLOTS == 4 and [p["id"] for p in kept] == [base[0]["id"], base[2]["id"]] and set_aside == 2
+    assert ids == [tokenizer.encode(p["problem"], add_special_tokens=False).ids for p in kept] and len(ids[0]) == 19
+    kept, ids, set_aside = data.encode_prompts(problems, tokenizer, None, budget=None)  # the full cache: no limit
+    assert len(kept) == 4 and set_aside == 0 and [len(i) for i in ids] == [19, 20, 19, 21]
+
+
+def test_a_word_outside_the_toys_vocabulary_is_named():
+    import toy
+    problems = [dict(id="a", problem="<bos> 1 2 <sep>", answer="3"),
+                dict(id="b", problem="<bos> 1 seven 2 eight <sep>", answer="0")]
+    with pytest.raises(ValueError, match="problem 'b': word.s. 'seven', 'eight' outside the tokenizer's vocabulary"):
+        data.encode_prompts(problems, toy.make_tokenizer(), None)
+
+
+@pytest.mark.parametrize("name, set_aside", [("math_train", 7), ("olympiadbench", 2)])
+def test_real_data_at_cache_1024(name, set_aside, data_dir, qwen_tokenizer_dir):
+    """Every problem of math_train and OlympiadBench through the data path with the real Qwen2.5 tokenizer and chat
+    template at --cache 1024: exactly those over 1020 tokens are set aside (7 of 7,470, the longest 1,698 tokens; 2 of
+    675), each length counted here one prompt at a time."""
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(str(qwen_tokenizer_dir / "tokenizer.json"))
+    family = chat_family(qwen_tokenizer_dir)
+    problems = data.load_problems(name, data_dir)
+    kept, ids, n_set_aside = data.encode_prompts(problems, tokenizer, family, budget=1024)
+    lengths = {p["id"]: len(tokenizer.encode(format_prompt(p["problem"], family), add_special_tokens=False).ids)
+               for p in problems}
+    too_long = {i for i, n in lengths.items() if n > 1020}
+    assert n_set_aside == len(too_long) == set_aside and len(kept) == len(problems) - set_aside
+    assert {p["id"] for p in kept} == set(lengths) - too_long
+    assert [len(i) for i in ids] == [lengths[p["id"]] for p in kept]
+    if name == "math_train":
+        assert max(lengths.values()) == 1698
+
+
 # --- resolve_data ---------------------------------------------------------------------------------------------------
 
 def fake_hub(monkeypatch, files=None):
@@ -348,3 +407,36 @@ def test_fetch_csv_drops_aime2024_repeats_and_unusable_rows(tmp_path, monkeypatc
     fake_hub(monkeypatch, {("di-zhang-fdu/AIME_1983_2024", "AIME_Dataset_1983_2024.csv"): hub})
     assert read_problems(resolve_data("aime_train", tmp_path)) == [
         {"id": "1983-1", "problem": "First question", "answer": "60"}]
+
+
+# --- a fresh clone: the tests find what they need through the environment, or say how to get it ----------------------
+
+def test_tests_read_no_path_of_this_machine():
+    marks = [m.replace("|", "") for m in ("/wo|rk/", "/ro|ot/", "../sha|red", '"sha|red"', "smollm2-135m-ins|truct")]
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert not [m for m in marks if m in text], f"{path.name} reads a path of this machine: use conftest's fixtures"
+
+
+@pytest.mark.parametrize("what, example", [("SMOLLM2", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                                           ("QWEN_TOKENIZER", "Qwen/Qwen2.5-0.5B-Instruct")])
+def test_a_missing_folder_skips_saying_how_to_get_it(what, example, monkeypatch, tmp_path):
+    import conftest
+    variable, repo, files, how = getattr(conftest, what)
+    monkeypatch.delenv(variable, raising=False)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty Hugging Face cache
+    with pytest.raises(pytest.skip.Exception) as skip:
+        conftest.folder_from(variable, repo, files, how)
+    assert f"huggingface-cli download {example}" in str(skip.value)
+    assert f"or set {variable} to a folder holding {', '.join(files)}" in str(skip.value)
+    snapshot, math = (tmp_path / "hub" / f"models--{name.replace('/', '--')}" / "snapshots" / "abc"
+                      for name in (example, "Qwen/Qwen2.5-Math-1.5B-Instruct"))  # math: newer, another template
+    for folder in (snapshot, math):
+        folder.mkdir(parents=True)
+        for name in files:
+            (folder / name).write_text("{}")
+    assert conftest.folder_from(variable, repo, files, how) == snapshot  # found in the cache
+    monkeypatch.setenv(variable, str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match=f"{variable}={tmp_path} lacks {files[0]}"):
+        conftest.folder_from(variable, repo, files, how)

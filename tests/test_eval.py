@@ -99,12 +99,13 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     results = cli(tiny, tmp_path, "--policy", "full,window", "--cache", str(tiny[2] + 8), "--evict", "0.5",
                   "--samples", "2", "--temperature", "1.0", "--seed", "3")
     printed = capsys.readouterr().out
-    assert "--policy full,window" in printed and "| tiny | full | 3 | 0 | 2 |" in printed and "| tiny | window | 3 | 0 | 2 |" in printed
+    assert "--policy full,window" in printed
+    assert "| tiny | full | 3 | 0 | 2 |" in printed and "| tiny | window | 3 | 0 | 2 |" in printed
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["grader_version"] == ev.grade.GRADER_VERSION and saved["chat_family"] == "qwen2.5"
     assert saved["args"]["seed"] == 3 and saved["args"]["max_new"] == 12 and saved["args"]["temperature"] == 1.0
     assert saved["results"] == json.loads(json.dumps(results["results"])) and saved["wall_s"] > 0
-    assert not (tmp_path / "out" / "samples.jsonl.part").exists() and not (tmp_path / "out" / "results.json.part").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json", "samples.jsonl"]  # no .part left
     full, window = saved["results"]
     assert (full["policy"], window["policy"], window["budget"], window["evict"]) == ("full", "window", tiny[2] + 8, 0.5)
     samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
@@ -156,7 +157,8 @@ def test_prompts_that_leave_too_few_thought_slots_are_skipped_and_counted(tiny, 
     rows.append(dict(id="long", problem="Compute 1 + 1 + 1.", answer="3"))
     (bench / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokenizer = ev.models.load_tokenizer(folder)
-    assert len(tokenizer.encode(data.format_prompt(rows[3]["problem"], "qwen2.5"), add_special_tokens=False).ids) > prompt_len
+    long_prompt = tokenizer.encode(data.format_prompt(rows[3]["problem"], "qwen2.5"), add_special_tokens=False).ids
+    assert len(long_prompt) > prompt_len
     results = cli(tiny, tmp_path, "--bench", "mixed", "--policy", "full,window", "--cache", str(prompt_len + 4))
     assert [(r["policy"], r["n"], r["skipped"]) for r in results["results"]] == [("full", 3, 1), ("window", 3, 1)]
     assert "| mixed | window | 3 | 1 | 1 |" in capsys.readouterr().out
@@ -178,7 +180,8 @@ def test_out_never_overwrites_an_earlier_evaluation(tiny, tmp_path, capsys):
 @pytest.mark.parametrize("flag, value, message", [
     ("--limit", "-1", "must be >= 1"), ("--limit", "0", "must be >= 1"), ("--max-new", "0", "must be >= 1"),
     ("--batch-size", "0", "must be >= 1"), ("--samples", "0", "must be >= 1"), ("--top-p", "0", "must be > 0 and <= 1"),
-    ("--top-p", "1.5", "must be > 0 and <= 1"), ("--temperature", "-1", "must be >= 0"), ("--threads", "-2", "must be >= 1"),
+    ("--top-p", "1.5", "must be > 0 and <= 1"), ("--temperature", "-1", "must be >= 0"),
+    ("--threads", "-2", "must be >= 1"),
     ("--cache", "0", "must be >= 1"), ("--evict", "0", "must be > 0 and <= 1"), ("--device", "tpu", "unknown device"),
 ])
 def test_flags_are_checked_before_any_model_loads(flag, value, message, monkeypatch, capsys, tmp_path):
@@ -197,9 +200,11 @@ def test_adapter_is_evaluated_as_it_was_trained(tiny, tmp_path, capsys):
     (pte,) = cli(tiny, tmp_path / "a", "--adapter", str(tmp_path / "adapter"))["results"]
     assert (pte["policy"], pte["budget"], pte["evict"]) == ("pte", prompt_len + 8, 0.5)
     assert "WARNING" not in capsys.readouterr().err
-    (pte,) = cli(tiny, tmp_path / "b", "--adapter", str(tmp_path / "adapter"), "--cache", str(prompt_len + 6))["results"]
+    (pte,) = cli(tiny, tmp_path / "b", "--adapter", str(tmp_path / "adapter"),
+                 "--cache", str(prompt_len + 6))["results"]
     assert (pte["budget"], pte["evict"]) == (prompt_len + 6, 0.5)  # a flag given wins
-    encoder.save_adapter(adapter, tmp_path / "other", policy="pte", settings=dict(model="qwen2.5-3b", cache=prompt_len + 8))
+    encoder.save_adapter(adapter, tmp_path / "other", policy="pte",
+                         settings=dict(model="qwen2.5-3b", cache=prompt_len + 8))
     cli(tiny, tmp_path / "c", "--adapter", str(tmp_path / "other"))
     assert f"trained on --model qwen2.5-3b, not {folder}" in capsys.readouterr().err
 
@@ -210,8 +215,8 @@ def test_broken_model_and_adapter_files_are_refused(tiny_qwen, tmp_path):
     folder = Path(shutil.copytree(tiny_qwen[0], tmp_path / "model"))
     config = json.loads((folder / "config.json").read_text())
     for edit, message in ([[1, 2], "config.json: expected a JSON object, got list"],
-                          [{**config, "hidden_size": "32"}, "config.json: hidden_size must be a positive integer, got '32'"],
-                          [{**config, "num_hidden_layers": True}, "num_hidden_layers must be a positive integer, got True"],
+                          [{**config, "hidden_size": "32"}, "config.json: hidden_size must be a positive integer"],
+                          [{**config, "num_hidden_layers": True}, "num_hidden_layers must be a positive integer"],
                           [{**config, "rms_norm_eps": -1}, "rms_norm_eps must be a positive number, got -1"],
                           [{**config, "eos_token_id": "<eos>"}, "eos_token_id must be a token id or a list of them"]):
         (folder / "config.json").write_text(json.dumps(edit))
@@ -221,7 +226,7 @@ def test_broken_model_and_adapter_files_are_refused(tiny_qwen, tmp_path):
     tensors = ev.models.read_safetensors(folder)
     tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
     save_file(tensors, str(folder / "model.safetensors"))
-    with pytest.raises(ValueError, match=re.escape("1 tensor(s) hold NaN or infinite values: layers.1.mlp.up_proj.weight")):
+    with pytest.raises(ValueError, match=re.escape("1 tensor(s) hold NaN or infinite values: layers.1.mlp.up_proj")):
         ev.models.load(folder)
     model_cfg = ev.models.load(tiny_qwen[0]).config
     adapter = encoder.Adapter(model_cfg, encoder.AdapterConfig(mode="pte", rank=2, n_globals=2))

@@ -29,6 +29,10 @@ def weights(run, name="adapter"):
     return load_file(str(run / name / "adapter.safetensors"))
 
 
+def logged_steps(run, log="metrics.jsonl"):
+    return [json.loads(line)["step"] for line in (run / log).read_text().splitlines()]
+
+
 def test_short_run_learns_something_and_logs(tmp_path):
     out = train.main(FAST + ["--out", str(tmp_path / "run"), "--save-every", "1", "--lr", "1e-2"])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -49,14 +53,13 @@ def test_resume_is_exact(tmp_path):
     one = train.main(common + ["--steps", "4", "--out", str(tmp_path / "one")])
     two = train.main(common + ["--steps", "2", "--out", str(tmp_path / "two")])
     train.main(["--resume", str(two), "--steps", "4"])
-    steps = [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]  # nothing logged twice
+    assert logged_steps(two) == [1, 2, 3, 4]  # nothing logged twice
     a, b = weights(one), weights(two)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if k.startswith("B."))
     settings = json.loads((two / "settings.json").read_text())
-    assert (settings["prompts_per_step"], settings["group"], settings["objective"], settings["steps"]) == (4, 4, "distill", 4)
+    assert [settings[k] for k in ("prompts_per_step", "group", "objective", "steps")] == [4, 4, "distill", 4]
     assert settings["resumed"] == [dict(changed=dict(steps=[2, 4]), at_step=2)]
 
 
@@ -77,8 +80,8 @@ def test_resume_refuses_flags_that_change_the_run(tmp_path, capsys):
                        "--seed 1 (the run has 0)", "--evict 0.5 (the run has 0.25)", "--beta 0.1 (the run has 0.05)",
                        "--rank 8 (the run has 16)"):
         assert difference in message
-    assert "--steps" not in message.split("would change the run:")[1].split(". Drop")[0]  # a safe change is no difference
-    assert "the run continues in its own folder" in refused(capsys, ["--resume", str(run), "--out", str(tmp_path / "x")])
+    assert "--steps" not in message.split("would change the run:")[1].split(". Drop")[0]  # a safe change
+    assert "continues in its own folder" in refused(capsys, ["--resume", str(run), "--out", str(tmp_path / "x")])
     assert "no settings.json" in refused(capsys, ["--resume", str(tmp_path)])
     assert (run / "settings.json").read_text() == before and (run / "latest").read_text() == "step-000001"
 
@@ -101,22 +104,21 @@ def test_out_never_overwrites_a_run(tmp_path, capsys):
     assert f"holds a run already: continue it with --resume {run}, or name another --out" in message
     assert (run / "metrics.jsonl").read_bytes() == metrics and (run / "latest").read_text() == "step-000001"
     (tmp_path / "empty").mkdir()
-    assert train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "empty")]) == tmp_path / "empty"  # an empty folder is fine
+    assert train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "empty")]) == tmp_path / "empty"  # empty: fine
 
 
 def test_logs_survive_a_kill_and_a_torn_line(tmp_path, capsys):
     """Killed after step 3 was logged but before its checkpoint, with the last metrics line torn: resume warns, drops
     the torn line, and logs steps 1-3 once each in metrics.jsonl and samples.jsonl."""
-    run = train.main(FAST + ["--steps", "3", "--save-every", "2", "--log-samples-every", "1", "--out", str(tmp_path / "run")])
+    run = train.main(FAST + ["--steps", "3", "--save-every", "2", "--log-samples-every", "1",
+                             "--out", str(tmp_path / "run")])
     (run / "latest").write_text("step-000002")
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "rew')
     capsys.readouterr()
     train.main(["--resume", str(run)])
     assert "metrics.jsonl: dropped its torn last line (16 characters)" in capsys.readouterr().err
-    metrics = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    samples = [json.loads(line)["step"] for line in (run / "samples.jsonl").read_text().splitlines()]
-    assert metrics == [1, 2, 3] and samples == [1] * 4 + [2] * 4 + [3] * 4
+    assert logged_steps(run) == [1, 2, 3] and logged_steps(run, "samples.jsonl") == [1] * 4 + [2] * 4 + [3] * 4
     # a broken line that is not the last is damage, not a kill: named, not dropped
     (run / "metrics.jsonl").write_text('{"step": 1}\n{"st\n{"step": 2}\n')
     with pytest.raises(ValueError, match="metrics.jsonl, line 2"):
@@ -152,25 +154,29 @@ def test_ctrl_c_keeps_every_completed_step(tmp_path, monkeypatch, capsys, when, 
         return stats
     monkeypatch.setattr(train, "update", update)
     run = tmp_path / "run"
-    with pytest.raises(SystemExit) as e:
-        train.main(FAST + ["--steps", "5", "--save-every", "10", "--out", str(run)])
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job starts with SIGINT ignored
+    try:
+        with pytest.raises(SystemExit) as e:
+            train.main(FAST + ["--steps", "5", "--save-every", "10", "--out", str(run)])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     assert e.value.code == 130
     assert (run / "latest").read_text() == f"step-{kept:06d}"
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, kept + 1))
+    assert logged_steps(run) == list(range(1, kept + 1))
     err = capsys.readouterr().err
     assert f"SIGINT: stopped; the checkpoint of step {kept} is in" in err and f"python train.py --resume {run}\n" in err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
     monkeypatch.setattr(train, "update", real_update)
     train.main(["--resume", str(run), "--steps", str(kept + 1)])
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, kept + 2))
+    assert logged_steps(run) == list(range(1, kept + 2))
 
 
 def test_sigterm_stops_a_process_cleanly(tmp_path):
     """A real process: SIGTERM after the first logged step exits 143 without a traceback and prints the command
     that continues the run from a checkpoint of its last completed step."""
     run = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "train.py", *FAST, "--steps", "1000", "--save-every", "500", "--out", str(run)],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    command = [sys.executable, "train.py", *FAST, "--steps", "1000", "--save-every", "500", "--out", str(run)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 120
     while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()) and time.time() < deadline:
@@ -180,7 +186,8 @@ def test_sigterm_stops_a_process_cleanly(tmp_path):
     assert process.returncode == 143 and "Traceback" not in err, err[-2000:]
     done = len((run / "metrics.jsonl").read_text().splitlines())
     assert (run / "latest").read_text() == f"step-{done:06d}"
-    assert f"the checkpoint of step {done} is in {run / f'step-{done:06d}'}. Continue with:\n  python train.py --resume {run}\n" in err
+    checkpoint = run / f"step-{done:06d}"
+    assert f"the checkpoint of step {done} is in {checkpoint}. Continue with:\n  python train.py --resume {run}\n" in err
 
 
 def test_a_damaged_checkpoint_is_named_and_the_one_before_used(tmp_path, capsys):
@@ -191,14 +198,14 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_used(tmp_path, capsys)
     train.main(["--resume", str(run), "--steps", "3"])
     err = capsys.readouterr().err
     assert f"{state} is unreadable, truncated or corrupt" in err and "Resuming from step-000001" in err
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert logged_steps(run) == [1, 2, 3]
     (run / "latest").write_text("step-000009")  # names a step that is not there
     train.main(["--resume", str(run), "--steps", "4"])
     assert f"{run / 'step-000009'} is missing" in capsys.readouterr().err
     for step in (3, 4):  # keep=2: both checkpoints damaged
         adapter = run / f"step-{step:06d}" / "adapter.safetensors"
         adapter.write_bytes(adapter.read_bytes()[:50])
-    with pytest.raises(ValueError, match=r"no intact checkpoint: .*step-000004/adapter.safetensors is unreadable, truncated"):
+    with pytest.raises(ValueError, match=r"no intact checkpoint: .*step-000004/adapter.safetensors is unreadable"):
         train.main(["--resume", str(run), "--steps", "5"])
 
 
@@ -225,7 +232,8 @@ def test_bad_input_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="bad.jsonl.*2"):
         train.main(FAST + ["--data", str(bad), "--out", str(tmp_path / "y")])
     words = tmp_path / "words.jsonl"
-    words.write_text('{"problem": "<bos> 1 2 <sep>", "answer": "3"}\n{"problem": "<bos> 1 seven <sep>", "answer": "8"}\n')
+    words.write_text('{"problem": "<bos> 1 2 <sep>", "answer": "3"}\n'
+                     '{"problem": "<bos> 1 seven <sep>", "answer": "8"}\n')
     with pytest.raises(ValueError, match="problem 'words/2': word.s. 'seven' outside the tokenizer's vocabulary"):
         train.main(FAST + ["--data", str(words), "--out", str(tmp_path / "w")])
     with pytest.raises(ValueError, match="every training prompt leaves fewer than 4 thought slots"):
@@ -242,9 +250,12 @@ def test_prompts_that_leave_too_few_thought_slots_are_set_aside_and_counted(tmp_
     path.write_text("".join(json.dumps(p) + "\n" for p in short + long))
     run = train.main(FAST + ["--data", str(path), "--cache", "24", "--steps", "1", "--log-samples-every", "1",
                              "--out", str(tmp_path / "run")])
-    assert "8 training problems (3 set aside: prompt leaves fewer than 4 thought slots at cache 24)" in capsys.readouterr().out
-    assert json.loads((run / "settings.json").read_text())["set_aside"] == dict(training=3, held_out=0, min_thought_slots=4)
-    assert all("0 0 <sep>" not in json.loads(line)["problem"] for line in (run / "samples.jsonl").read_text().splitlines())
+    out = capsys.readouterr().out
+    assert "8 training problems (3 set aside: prompt leaves fewer than 4 thought slots at cache 24)" in out
+    settings = json.loads((run / "settings.json").read_text())
+    assert settings["set_aside"] == dict(training=3, held_out=0, min_thought_slots=4)
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert samples and all("0 0 <sep>" not in sample["problem"] for sample in samples)
 
 
 def test_train_does_not_know_the_toy():
@@ -264,7 +275,8 @@ def test_a_model_folder_brings_its_training_defaults(tmp_path):
     (folder / "train_defaults.json").write_text(json.dumps(dict(defaults, rank=4)))
     assert train.parse_args(["--model", str(folder)]).rank == 4
     (folder / "train_defaults.json").unlink()  # no file: the paper's defaults
-    assert {k: getattr(train.parse_args(["--model", str(folder)]), k) for k in train.PAPER_DEFAULTS} == train.PAPER_DEFAULTS
+    paper = train.parse_args(["--model", str(folder)])
+    assert {k: getattr(paper, k) for k in train.PAPER_DEFAULTS} == train.PAPER_DEFAULTS
     train_set, held_out = train.load_problems(train.parse_args(["--model", "toy", "--seed", "3"]))
     assert train_set == toy.make_problems(20_000, 3) and held_out == toy.make_problems(256, toy.EVAL_SEED)
 

@@ -1,0 +1,78 @@
+"""The compiled decode step (rollout.decode_step under torch.compile): the same tokens and log-probs as eager
+`generate`, one graph for every step of a call; its static-shape logic (every slot attended under the mask, the
+step an index tensor) checked without compiling, so that a wrong mask or slot fails fast. CPU only here: the CUDA
+graphs of mode reduce-overhead run where bench.py --gpu runs."""
+import dataclasses
+
+import pytest
+import torch
+
+import model as M
+from conftest import chatml
+from encoder import Adapter, AdapterConfig
+from rollout import CachePolicy, generate
+
+# rows of different lengths: per-row windows W_i = budget - len_i and per-row eviction schedules
+TOY_PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 10, 11, 12], [1, 13, 14, 15, 16, 17, 18, 19]]
+
+
+def pte_adapter(cfg):
+    """A rank-4 pte adapter with B random, so that the cores S change the tokens."""
+    torch.manual_seed(0)
+    adapter = Adapter(cfg, AdapterConfig("pte", rank=4, alpha=4.0, n_globals=4))
+    with torch.no_grad():
+        for b in adapter.B.values():
+            b.normal_(0, 0.3)
+    return adapter
+
+
+def both(model, prompts, policy, max_new, adapter=None, **kw):
+    """(eager, compiled) rollouts of the same call, sampled from the same seed."""
+    kw = dict(eos_ids=[], pad_id=0) | kw
+    return [generate(model, prompts, policy, max_new, adapter, compile=c,
+                     generator=torch.Generator().manual_seed(0) if kw.get("temperature") else None, **kw)
+            for c in (False, True)]
+
+
+def assert_same(eager, compiled):
+    assert torch.equal(eager.tokens, compiled.tokens) and torch.equal(eager.mask, compiled.mask)
+    assert eager.evictions == compiled.evictions
+    torch.testing.assert_close(compiled.logprobs, eager.logprobs, rtol=0, atol=1e-4)  # fp32, fused in other orders
+
+
+@pytest.mark.parametrize("policy", ["full", "window", "pte"])
+def test_static_step_equals_eager_without_compiling(monkeypatch, policy):
+    """decode_step run eagerly (torch.compile made the identity): attending over every slot under the mask, with the
+    step as a 0-d tensor, gives eager's tokens and log-probs; catches a wrong slot, a stale slot left unmasked."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    toy = M.load("toy")
+    adapter = pte_adapter(toy.config) if policy == "pte" else None
+    eager, static = both(toy, TOY_PROMPTS, CachePolicy(policy, 16), 30, adapter, temperature=1.0)
+    assert (sum(map(len, eager.evictions)) >= 6) == (policy != "full")  # each row evicts twice or more, but in full
+    assert_same(eager, static)
+
+
+def test_compiled_toy_equals_eager_one_graph():
+    """The real compile (inductor on the CPU): pte with evictions folded between steps, sampled at temperature 1.
+    One graph for the whole call: a Python int that changes per step (the step, a slot count) would recompile."""
+    torch._dynamo.reset()
+    toy = M.load("toy")
+    adapter = pte_adapter(toy.config)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        eager, compiled = both(toy, TOY_PROMPTS, CachePolicy("pte", 16), 30, adapter, temperature=1.0)
+    assert sum(map(len, eager.evictions)) > 6
+    assert_same(eager, compiled)
+    assert compiled.stats["first_step_s"] > 0 and eager.stats["first_step_s"] is None
+
+
+@pytest.mark.slow
+def test_smollm2_compiled_equals_eager(smol):
+    """SmolLM2's real weights (9 query heads on 3 KV heads, Llama RoPE), greedy, a window that evicts. Its first 2
+    of 30 layers: the graph repeats per layer, and compiling all 30 takes minutes on two cores."""
+    _, full, tok = smol
+    model = M.Transformer(dataclasses.replace(full.config, n_layers=2))
+    model.load_state_dict(full.state_dict(), strict=False)  # layers 0-1, the (tied) embeddings, the final norm
+    prompts = [chatml(tok, "What is 7 times 8?"), chatml(tok, "Name the largest planet.")]
+    eager, compiled = both(model.eval(), prompts, CachePolicy("window", max(map(len, prompts)) + 12), 24)
+    assert all(len(e) >= 2 for e in eager.evictions)
+    assert_same(eager, compiled)
