@@ -117,6 +117,7 @@ def test_toy_distillation_under_pte_lowers_the_kl_below_the_window(tmp_path):
     from encoder import load_adapter
     run = train.main(["--model", "toy", "--policy", "pte", "--objective", "distill", "--steps", "40", "--group", "1",
                       "--prompts-per-step", "64", "--lr", "3e-3", "--seed", "0", "--eval-size", "0", "--threads", "1",
+                      "--b-init", "0", "--encoder-lr", "3e-3",  # LoRA's init and one lr, not the toy's GRPO choices
                       "--out", str(tmp_path / "run")])
     model, tokenizer, problems = M.load("toy"), M.load_tokenizer("toy"), toy.make_problems(128, toy.EVAL_SEED)
     kl = {}

@@ -308,7 +308,7 @@ def test_torchrun_two_ranks_equal_one_process_on_the_union(tmp_path, truncate):
         exact = run(*[x for x in args if x != "--truncate"], out="exact")
         assert not all(torch.allclose(exact[k], one[k]) for k in one)
     for k in one:
-        torch.testing.assert_close(ddp[k], one[k], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ddp[k], one[k], atol=1e-5, rtol=1e-5)  # sums in another order (3.5e-6 seen)
 
 
 def resident_peak(n_bytes):
