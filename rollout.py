@@ -77,8 +77,12 @@ def pad_prompts(prompts, pad_id, device):
     P = max(map(len, prompts))
     tokens = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)
     lens = torch.tensor([len(p) for p in prompts], device=device)
-    positions = torch.arange(P, device=device) - (P - lens)[:, None]  # (B, P)
-    return tokens, lens, positions.masked_fill(positions < 0, -1)
+    return tokens, lens, prompt_positions(lens, P)
+
+
+def prompt_positions(lens, P):
+    """Absolute positions (B, P) of prompts of lengths lens (B,) left-padded to P, -1 at pads."""
+    return (torch.arange(P, device=lens.device) - (P - lens)[:, None]).clamp(min=-1)
 
 
 def _flat(x):
@@ -310,10 +314,10 @@ def replay_segment(model, adapter, ro, seg, counts, folds, token_fn, use_checkpo
     if adapter is not None and adapter.encodes:
         cores = (fold_last_eviction(adapter, base, seg, counts, first, thought_k, thought_v, lens, model.inv_freq)
                  if folds else adapter.initial_cores(len(lens)))
-    prompt_pos = torch.arange(P, device=lens.device) - (P - lens)[:, None]  # (B, P), negative at pads
+    prompt_pos = prompt_positions(lens, P)  # (B, P), -1 at pads
     t = torch.arange(first, seg.end, device=lens.device)
     thought_pos = torch.where(t >= seg.lo[:, None], lens[:, None] + t, -1)  # (B, end - first): each row's window
-    key_pos = torch.cat([prompt_pos.clamp(min=-1), thought_pos], 1)
+    key_pos = torch.cat([prompt_pos, thought_pos], 1)
     q_pos = lens[:, None] + torch.arange(seg.start, seg.end, device=lens.device)  # (B, n)
     inputs, targets = ro.tokens[:, seg.start:seg.end], ro.tokens[:, seg.start + 1:seg.end + 1]  # (B, n) each
     return (cores, *_forward(model, adapter, cores, inputs, q_pos, key_pos, [prompt_k, *thought_k], [prompt_v, *thought_v],
@@ -324,8 +328,7 @@ def _prefill(model, adapter, ro, token_fn, use_checkpoint):
     """The prompt, with S(0): its keys and values, and the value of the first completion token."""
     cfg, (B, P), lens = model.config, ro.prompts.shape, ro.prompt_lens
     cores = adapter.initial_cores(B) if adapter is not None else None
-    pos = torch.arange(P, device=lens.device) - (P - lens)[:, None]
-    pos = pos.clamp(min=-1)  # (B, P)
+    pos = prompt_positions(lens, P)  # (B, P)
     empty = model.embed_tokens.weight.new_empty(cfg.n_layers, B, cfg.n_kv_heads, 0, cfg.head_dim)
     return (cores, *_forward(model, adapter, cores, ro.prompts, pos, pos, [empty], [empty], ro.tokens[:, :1], 0,
                              token_fn, use_checkpoint))
