@@ -56,7 +56,8 @@ FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 def prompts(s, vocab):
     g = torch.Generator().manual_seed(0)
-    return torch.randint(min(100, vocab // 2), vocab, (s["batch"], s["prompt_len"]), generator=g)  # (B, P) random ids, no pads
+    # (B, P) random ids, no pads
+    return torch.randint(min(100, vocab // 2), vocab, (s["batch"], s["prompt_len"]), generator=g)
 
 
 def timed(fn, device):
@@ -79,8 +80,8 @@ def rollout_hf(s, hf):
 
     @torch.no_grad()
     def run(n):
-        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0)
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
     run(4)
     out, seconds = timed(lambda: run(s["length"]), s["device"])
     return dict(seconds=seconds, tokens=out[:, ids.shape[1]:].numel())
@@ -113,8 +114,8 @@ def train_step(s, model):
     g = torch.Generator().manual_seed(1)
     valid = torch.ones(B, T, dtype=torch.bool, device=dev)
     rollout = Rollout(prompts(s, model.config.vocab_size).to(dev), torch.full((B,), P, device=dev),
-                      torch.randint(100, model.config.vocab_size, (B, T), generator=g).to(dev), torch.zeros(B, T, device=dev),
-                      valid, valid[:, 0], [policy.schedule([P], T).steps(0, T - 1)] * B)
+                      torch.randint(100, model.config.vocab_size, (B, T), generator=g).to(dev),
+                      torch.zeros(B, T, device=dev), valid, valid[:, 0], [policy.schedule([P], T).steps(0, T - 1)] * B)
 
     def step():
         logp = score(model, rollout, policy, adapter, truncate=s.get("truncate", False))  # (B, T)
@@ -131,15 +132,17 @@ def grpo_steps(s, model):
     from grpo import group_advantages
     from rollout import CachePolicy, generate
     policy, dev = s["policy"].removesuffix("-trunc"), s["device"]
-    args = argparse.Namespace(**{**train.PAPER_DEFAULTS, "objective": "grpo", "epochs": 1, "top_p": 1.0, "no_std": False,
-                                 "truncate": s["policy"].endswith("-trunc"), "cache": s["budget"], "max_new": s["length"],
-                                 "group": s["group"], "micro_batch": s["batch"]})
+    args = argparse.Namespace(**{**train.PAPER_DEFAULTS, "objective": "grpo", "epochs": 1, "top_p": 1.0,
+                                 "no_std": False, "truncate": s["policy"].endswith("-trunc"), "cache": s["budget"],
+                                 "max_new": s["length"], "group": s["group"], "micro_batch": s["batch"]})
     adapter = Adapter(model.config, AdapterConfig("lora" if policy != "pte" else "pte")).to(dev)
     cache_policy = CachePolicy(policy, s["budget"])
-    objective = train.Objective(model, adapter, args, cache_policy, CachePolicy("window" if policy == "pte" else policy, s["budget"]))
+    objective = train.Objective(model, adapter, args, cache_policy,
+                                CachePolicy("window" if policy == "pte" else policy, s["budget"]))
     optimizer = torch.optim.AdamW(trainable(adapter), lr=args.lr)
     g = torch.Generator(dev).manual_seed(0)
-    rows = [p for p in prompts(dict(s, batch=s["prompts"]), model.config.vocab_size).tolist() for _ in range(s["group"])]
+    rows = [p for p in prompts(dict(s, batch=s["prompts"]), model.config.vocab_size).tolist()
+            for _ in range(s["group"])]
     for _ in range(2):
         train.reset_peak_memory(torch.device(dev))
         t0 = time.perf_counter()
@@ -148,7 +151,8 @@ def grpo_steps(s, model):
         train.update(objective, optimizer, ro, group_advantages(rewards, s["group"]), args, world=1)
         if dev.startswith("cuda"):
             torch.cuda.synchronize()
-    return dict(seconds=time.perf_counter() - t0, tokens=int(ro.mask.sum()), rollout_tokens_per_s=ro.stats["tokens_per_s"])
+    return dict(seconds=time.perf_counter() - t0, tokens=int(ro.mask.sum()),
+                rollout_tokens_per_s=ro.stats["tokens_per_s"])
 
 
 def sdpa_backend(device, dtype, heads, kv_heads, head_dim):
@@ -158,7 +162,8 @@ def sdpa_backend(device, dtype, heads, kv_heads, head_dim):
     q = torch.randn(1, heads, 64, head_dim, device=device, dtype=dtype)
     kv = torch.randn(1, kv_heads, 96, head_dim, device=device, dtype=dtype)
     mask = torch.zeros(1, 1, 64, 96, device=device, dtype=dtype)
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                    SDPBackend.MATH):
         try:
             with sdpa_kernel([backend]):
                 model.attend_masked(q, kv, kv, mask)
@@ -169,7 +174,8 @@ def sdpa_backend(device, dtype, heads, kv_heads, head_dim):
 
 
 def child(s):
-    """Run one configuration in this fresh process: its numbers, and its memory in MiB just after loading and at peak."""
+    """Run one configuration in this fresh process: its numbers, and its memory in MiB just after loading and at
+    peak."""
     import model
     from train import peak_memory_gb, reset_peak_memory
     torch.set_num_threads(s["threads"])
@@ -178,11 +184,13 @@ def child(s):
     if s["impl"] == "transformers":
         loaded = load_hf(s)
     else:
-        loaded = model.load(s["model"], dtype=getattr(torch, s["dtype"]), device=s["device"], random_weights=s["random"])
+        loaded = model.load(s["model"], dtype=getattr(torch, s["dtype"]), device=s["device"],
+                            random_weights=s["random"])
     reset_peak_memory(torch.device(s["device"]))
     unique = {p.data_ptr(): p for p in loaded.parameters()}.values()  # tied embeddings once
     out = dict(weight_bytes=sum(p.numel() * p.element_size() for p in unique),
-               weights_mib=torch.cuda.memory_allocated() / 2**20 if cuda else peak_memory_gb(torch.device("cpu")) * 1024)
+               weights_mib=torch.cuda.memory_allocated() / 2**20 if cuda
+               else peak_memory_gb(torch.device("cpu")) * 1024)
     if s["impl"] == "transformers":
         out.update(rollout_hf(s, loaded))
     else:
@@ -225,7 +233,8 @@ def floor_tokens_per_s(a, policy, n, weight_bytes, kv_bytes_per_slot, bandwidth)
 def header(title, a, lines, cols):
     print(f"\n### {title}\ncommand: python bench.py {' '.join(map(shlex.quote, sys.argv[1:]))}")
     print(f"settings: {a.model_name} ({a.dtype}, {a.device}{', random weights' if a.gpu else ''}), batch {a.batch}, "
-          f"prompt {a.prompt_len} tokens, cache budget {a.budget}, evict 0.25, threads {a.threads}, torch {torch.__version__}")
+          f"prompt {a.prompt_len} tokens, cache budget {a.budget}, evict 0.25, threads {a.threads}, "
+          f"torch {torch.__version__}")
     print("\n".join(lines) + "\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols), flush=True)
 
 
@@ -239,15 +248,17 @@ def rollout_table(a, base, peer):
     compiled = [p for p in a.policies if p.endswith("-compiled")]
     mib = []
     for i, n in enumerate(a.lengths):
-        r = {p if impl == "ours" else impl: spawn(dict(base, impl=impl, kind="rollout", policy=p, length=n)) for impl, p in impls}
+        r = {p if impl == "ours" else impl: spawn(dict(base, impl=impl, kind="rollout", policy=p, length=n))
+             for impl, p in impls}
         tps = {k: v["tokens"] / v["seconds"] for k, v in r.items()}
         if i == 0:
             w, kv = r[a.policies[0]]["weight_bytes"], r[a.policies[0]]["kv_bytes_per_slot"]
             bandwidth = copy_bandwidth(a.threads, a.device)
-            lines = ["weights only (each subprocess just after loading): " + ", ".join(f"{k} {v['weights_mib']:.0f} MiB" for k, v in r.items())]
+            lines = ["weights only (each subprocess just after loading): "
+                     + ", ".join(f"{k} {v['weights_mib']:.0f} MiB" for k, v in r.items())]
             if not a.device.startswith("cuda"):
-                lines.append("ours: generate adds a blocked copy of the fp32 weights while it decodes (model.packed_weights), "
-                             "counted in its MiB")
+                lines.append("ours: generate adds a blocked copy of the fp32 weights while it decodes "
+                             "(model.packed_weights), counted in its MiB")
             lines.append(f"(% of floor): of the tokens/s if each forward read once, at the copy bandwidth "
                          f"({bandwidth / 1e9:.1f} GB/s), the weights ({w / 2**20:.0f} MiB) and the keys and values "
                          f"of the slots its rows attend to ({kv / 2**10:.0f} KiB a slot): the prompt's and the "
@@ -264,7 +275,8 @@ def rollout_table(a, base, peer):
             + [f"{v['peak_mib']:.0f}" for v in r.values()])
         mib.append({k: v["peak_mib"] for k, v in r.items()})
     yardstick = a.lengths.index(512) if 512 in a.lengths[:-1] else 0  # the issue's: 4,096 tokens against 512
-    evicting = [i for i, n in enumerate(a.lengths[:-1]) if n > a.budget - a.prompt_len]  # the window has evicted by then
+    evicting = [i for i, n in enumerate(a.lengths[:-1])
+                if n > a.budget - a.prompt_len]  # the window has evicted by then
     for ref in dict.fromkeys([yardstick, *evicting[:1]]) if len(mib) > 1 else []:
         print(f"\npeak memory at {a.lengths[-1]} new tokens against {a.lengths[ref]}: "
               + ", ".join(f"{k} {100 * (mib[-1][k] / mib[ref][k] - 1):+.1f}%" for k in mib[0]))
@@ -276,11 +288,12 @@ def train_table(a, base):
         f, p, t = (spawn(dict(base, impl="ours", kind="train", policy=k, truncate=trunc, length=n), env)
                    for k, trunc in (("full", False), ("pte", False), ("pte", True)))
         if i == 0:
-            header("Training step (score + GRPO loss + backward): seconds and peak memory (MiB) against rollout length", a,
+            header("Training step (score + GRPO loss + backward): seconds and peak memory (MiB) against "
+                   "rollout length", a,
                    [f"weights only (each subprocess just after loading): {f['weights_mib']:.0f} MiB; full: LoRA, score "
                     "checkpointed in chunks of m tokens; pte: its adapter, exact gradients; pte-trunc: --truncate"],
-                   ["rollout tokens", "full s", "pte s", "pte-trunc s", "full MiB", "pte MiB", "pte-trunc MiB", "pte / full",
-                    "pte-trunc / full", "same, above weights"])
+                   ["rollout tokens", "full s", "pte s", "pte-trunc s", "full MiB", "pte MiB", "pte-trunc MiB",
+                    "pte / full", "pte-trunc / full", "same, above weights"])
         above = max(f["peak_mib"] - f["weights_mib"], 1)
         row([str(n)] + [f"{r['seconds']:.1f}" for r in (f, p, t)] + [f"{r['peak_mib']:.0f}" for r in (f, p, t)]
             + [f"{p['peak_mib'] / f['peak_mib']:.2f}", f"{t['peak_mib'] / f['peak_mib']:.2f}",
@@ -291,17 +304,20 @@ def grpo_table(a, base):
     rows = {p: spawn(dict(base, impl="ours", kind="grpo", policy=p, length=a.max_new, prompts=a.prompts, group=a.group))
             for p in ("full", "window", "pte", "pte-trunc")}
     header("GRPO steps (generate + random rewards + train.update), the second of two", a,
-           [f"{a.prompts} prompts x {a.group} rollouts of up to {a.max_new} tokens, micro-batch {a.batch}; pte-trunc: --truncate"],
+           [f"{a.prompts} prompts x {a.group} rollouts of up to {a.max_new} tokens, micro-batch {a.batch}; "
+            "pte-trunc: --truncate"],
            ["policy", "rollout tok/s", "step s", "peak MiB", "weights MiB"])
     for p, r in rows.items():
-        row([p, f"{r['rollout_tokens_per_s']:.1f}", f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}", f"{r['weights_mib']:.0f}"])
+        row([p, f"{r['rollout_tokens_per_s']:.1f}", f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}",
+             f"{r['weights_mib']:.0f}"])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small lengths, budget and batch: about a minute")
     ap.add_argument("--gpu", action="store_true", help="table 3: --gpu-model with random bf16 weights on --device")
-    ap.add_argument("--gpu-model", default="qwen2.5-3b", help="registry name for --gpu (smollm2-135m for a CPU dry run)")
+    ap.add_argument("--gpu-model", default="qwen2.5-3b",
+                    help="registry name for --gpu (smollm2-135m for a CPU dry run)")
     ap.add_argument("--device", default=None, help="default: cuda with --gpu, else cpu")
     ap.add_argument("--tables", default=None, help="which of 1 (rollout), 2 (training step) and 3 (GRPO steps) to run "
                     "(default 1,2; --gpu 1,2,3)")
@@ -316,7 +332,8 @@ def main():
                     "--gpu --quick: 2)")
     ap.add_argument("--budget", type=int, default=None, help="cache budget, prompt included (default 1024, --quick 48)")
     ap.add_argument("--prompt-len", type=int, default=None, help="default 128 (--quick 16)")
-    ap.add_argument("--lengths", default=None, help="comma-separated lengths (default 256,...,4096; --gpu 3072; --quick 32,64)")
+    ap.add_argument("--lengths", default=None,
+                    help="comma-separated lengths (default 256,...,4096; --gpu 3072; --quick 32,64)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -333,7 +350,8 @@ def main():
     a.max_new = a.max_new or (64 if a.quick else 2048)
     a.budget = a.budget or (48 if a.quick else 1024)
     a.prompt_len = a.prompt_len or (16 if a.quick else 128)
-    a.lengths = [int(x) for x in (a.lengths or ("32,64" if a.quick else "3072" if a.gpu else "256,512,1024,2048,4096")).split(",")]
+    a.lengths = [int(x) for x in
+                 (a.lengths or ("32,64" if a.quick else "3072" if a.gpu else "256,512,1024,2048,4096")).split(",")]
     if a.gpu:
         a.model_name, a.dtype, path = a.gpu_model, "bfloat16" if a.device.startswith("cuda") else "float32", a.gpu_model
     else:
@@ -361,7 +379,8 @@ def main():
     if a.gpu:
         cfg = model_config(a.gpu_model)
         print(f"\nmasked attention (score, prefill) ran SDPA's "
-              f"{sdpa_backend(a.device, torch.bfloat16, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)} kernel on {a.device}")
+              f"{sdpa_backend(a.device, torch.bfloat16, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)} kernel "
+              f"on {a.device}")
     print(f"\n(bench wall time {time.perf_counter() - t0:.0f} s)")
 
 

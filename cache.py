@@ -35,8 +35,8 @@ def thought_slots(policy, budget, prompt_len, max_new):
     window = budget - prompt_len
     if window < MIN_THOUGHT_SLOTS:
         raise ValueError(f"cache budget {budget} leaves {window} thought slots after a {prompt_len}-token prompt; "
-                         f"need at least {MIN_THOUGHT_SLOTS}: raise --cache to {prompt_len + MIN_THOUGHT_SLOTS} or more, "
-                         "or use shorter prompts")
+                         f"need at least {MIN_THOUGHT_SLOTS}: raise --cache to {prompt_len + MIN_THOUGHT_SLOTS} "
+                         "or more, or use shorter prompts")
     return window
 
 
@@ -81,7 +81,8 @@ def attention_mask(key_pos, query_pos, dtype):
     """Additive mask (B, 1, T, S): a query sees the valid keys (position >= 0) at or before its own position.
     Large negative instead of -inf so that a pad query, which sees nothing, stays finite (as transformers does)."""
     allowed = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= query_pos[:, :, None])  # (B, T, S)
-    return torch.zeros(allowed.shape, dtype=dtype, device=key_pos.device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_pos.device)  # (B, T, S)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def unrotate(keys, positions, inv_freq):

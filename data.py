@@ -24,7 +24,8 @@ TEMPLATES = {  # family -> its chat template rendered for one user message `{}` 
                "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
     "chatml": "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
               "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",  # SmolLM2 adds its system turn when none
-    "r1": "<｜begin▁of▁sentence｜><｜User｜>{}<｜Assistant｜><think>\n",  # the template itself emits the BOS token
+    # the template itself emits the BOS token
+    "r1": "<｜begin▁of▁sentence｜><｜User｜>{}<｜Assistant｜><think>\n",
 }
 # family -> text only its jinja template holds (R1 templates from before Feb 2025 lack <think>: refused, not misread)
 FAMILY_MARKS = {"r1": "<｜Assistant｜><think>", "qwen2.5": "You are Qwen, created by Alibaba Cloud.",

@@ -14,11 +14,11 @@ concatenated and keys un-rotated to their pre-RoPE values, the 1/len scaling, th
 paper: W_V initialised like W_K; here: at a tenth of that scale, so that one eviction adds to S instead of
 replacing it (in a prototype ||S'|| was about 2.5 ||S|| at the usual scale).
 Adapter init (paper: silent beyond LoRA). Default LoRA's: A random, B = 0, so the first updates go to B with gradient
-g (S A x)^T: one random projection S A x of S, alike at every position. `b_init` > 0 swaps it: A = 0, B ~ N(0, b_init^2),
-so the first updates go to A with gradient S^T B^T g x^T: all of S, at the inputs x where the loss speaks. Both start
-at the base model and both leave S without gradient at step 0. On the toy the swap took GRPO off chance in 80 steps
-where the default stalled for 160+ (README, "Why GRPO stalled"); the argument does not depend on the model's size, but
-it is unmeasured on real models, whose default therefore stays LoRA's (`--b-init` turns it on).
+g (S A x)^T: one random projection S A x of S, alike at every position. `b_init` > 0 swaps it: A = 0,
+B ~ N(0, b_init^2), so the first updates go to A with gradient S^T B^T g x^T: all of S, at the inputs x where the loss
+speaks. Both start at the base model and both leave S without gradient at step 0. On the toy the swap took GRPO off
+chance in 80 steps where the default stalled for 160+ (README, "Why GRPO stalled"); the argument does not depend on the
+model's size, but it is unmeasured on real models, whose default therefore stays LoRA's (`--b-init` turns it on).
 `param_groups`: the thought encoder may take its own learning rate (the toy's is a tenth of the adapters': its steps
 otherwise moved S, and through it every position's output, faster than the readout learned to use it).
 Adapter parameters are kept in fp32 (AdamW steps of 1e-5 vanish in bf16) and cast to the activations' dtype.
@@ -50,7 +50,8 @@ class AdapterConfig:
         if bad := [t for t in self.targets if t not in TARGETS]:
             raise ValueError(f"unknown adapter target(s) {bad}: choose from {', '.join(TARGETS)}")
         if self.rank < 1 or (self.mode == "pte" and self.n_globals < 1):
-            raise ValueError("rank must be >= 1, and pte needs >= 1 global token (the ablation without them is mode 'global-0')")
+            raise ValueError("rank must be >= 1, and pte needs >= 1 global token "
+                             "(the ablation without them is mode 'global-0')")
 
 
 def _shapes(cfg, target):
@@ -135,7 +136,8 @@ ENCODER_PARAMS = ("q_g", "W_Q", "W_K", "W_V", "k_g", "v_g")
 
 
 def param_groups(adapter, lr, encoder_lr=None):
-    """AdamW parameter groups: the adapters' A and B at lr, the thought encoder's parameters at encoder_lr (default lr)."""
+    """AdamW parameter groups: the adapters' A and B at lr, the thought encoder's parameters at encoder_lr
+    (default lr)."""
     named = [(n, p) for n, p in adapter.named_parameters() if p.requires_grad]
     encoder = [p for n, p in named if n in ENCODER_PARAMS]
     groups = [dict(params=[p for n, p in named if n not in ENCODER_PARAMS], lr=lr)]
@@ -147,7 +149,8 @@ def save_adapter(adapter, folder, **extra):
     from safetensors.torch import save_file
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in adapter.state_dict().items()}, str(folder / "adapter.safetensors"))
+    save_file({k: v.detach().contiguous() for k, v in adapter.state_dict().items()},
+              str(folder / "adapter.safetensors"))
     (folder / "adapter.json").write_text(json.dumps(dict(adapter=asdict(adapter.cfg), **extra), indent=1))
 
 
@@ -170,7 +173,8 @@ def load_adapter(folder, model_cfg, device="cpu"):
     if broken:
         raise ValueError(f"{folder / 'adapter.safetensors'}: NaN or infinite values in {', '.join(broken[:4])}")
     expected = adapter.state_dict()
-    bad = sorted(set(expected) ^ set(tensors)) + [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    bad = sorted(set(expected) ^ set(tensors)) + [k for k in expected
+                                                  if k in tensors and tensors[k].shape != expected[k].shape]
     if bad:
         raise ValueError(f"{folder}: this adapter does not fit the model (mismatched tensors: {', '.join(bad[:4])}): "
                          f"it was trained for another model or adapter shape")

@@ -118,8 +118,8 @@ def kl_start(ro, policy, row):
     return evictions[0] + 1 if evictions else None
 
 
-def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=None, family=None, max_new=3072, samples=1,
-             temperature=0.0, top_p=1.0, batch_size=8, seed=0, progress=True, kl=False, compile=None):
+def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=None, family=None, max_new=3072,
+             samples=1, temperature=0.0, top_p=1.0, batch_size=8, seed=0, progress=True, kl=False, compile=None):
     """Generate `samples` completions of each {"id", "problem", "answer"} under `policy` and grade them.
     kl: also each completion's mean token_kl over its tokens after its first eviction (see kl_start), and their count.
     Returns (summary, records): see summarize; records in problem order, `samples` a problem."""
@@ -127,7 +127,8 @@ def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=No
         raise ValueError(f"--samples and --batch-size must be at least 1, got {samples} and {batch_size}")
     if not problems:
         raise ValueError("no problems to evaluate")
-    prompts = [tokenizer.encode(data.format_prompt(p["problem"], family), add_special_tokens=False).ids for p in problems]
+    prompts = [tokenizer.encode(data.format_prompt(p["problem"], family), add_special_tokens=False).ids
+               for p in problems]
     rows = sorted(((i, s) for i in range(len(problems)) for s in range(samples)), key=lambda r: -len(prompts[r[0]]))
     generator = torch.Generator(model.embed_tokens.weight.device).manual_seed(seed)
     done, seconds, tokens = {}, 0.0, 0
@@ -143,9 +144,9 @@ def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=No
         for b, ((i, s), n) in enumerate(zip(batch, out.mask.sum(1).tolist())):  # the mask is a prefix of each row
             text = tokenizer.decode(out.tokens[b, :n].tolist(), skip_special_tokens=True)
             gold = problems[i]["answer"]
-            done[i, s] = dict(id=problems[i]["id"], sample=s, completion=text, answer=grade.extract_answer(text), gold=gold,
-                              correct=grade.score(text, gold) == 1.0, length=n, truncated=bool(out.truncated[b]),
-                              evictions=sum(t < n - 1 for t in row_evictions(out, b)))
+            done[i, s] = dict(id=problems[i]["id"], sample=s, completion=text, answer=grade.extract_answer(text),
+                              gold=gold, correct=grade.score(text, gold) == 1.0, length=n,
+                              truncated=bool(out.truncated[b]), evictions=sum(t < n - 1 for t in row_evictions(out, b)))
             if kl:
                 start = kl_start(out, policy, b)
                 scored = per_token[b, start:n] if start is not None else per_token[b, :0]
@@ -188,8 +189,8 @@ def parser():
     p.add_argument("--batch-size", type=number(int, 1), default=8, help="rows a forward")
     p.add_argument("--limit", type=number(int, 1), help="the first N problems of each benchmark")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kl", action="store_true", help="also the mean per-token KL(full-cache base model || policy) after "
-                   "each completion's first eviction (under full: where a window of --cache would first evict)")
+    p.add_argument("--kl", action="store_true", help="also the mean per-token KL(full-cache base model || policy) "
+                   "after each completion's first eviction (under full: where a window of --cache would first evict)")
     p.add_argument("--out", help="a new or empty folder (default: runs/eval-<timestamp>)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--device", type=device_name, default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
@@ -245,7 +246,8 @@ def run(args, argv):
     net = models.load(args.model, None if args.dtype == "auto" else getattr(torch, args.dtype), device)
     adapter = load_adapter(args.adapter, net.config, device) if args.adapter else None
     if "pte" in names and (adapter is None or not adapter.encodes):
-        raise ValueError("--policy pte needs --adapter with a thought encoder (adapter mode pte, global-0 or global-only)"
+        raise ValueError("--policy pte needs --adapter with a thought encoder "
+                         "(adapter mode pte, global-0 or global-only)"
                          f", got {'no adapter' if adapter is None else 'mode ' + adapter.cfg.mode}")
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "eval.py", *argv])
@@ -256,9 +258,9 @@ def run(args, argv):
     with open(out / "samples.jsonl.part", "w", encoding="utf-8") as f:  # renamed with results.json, at the end
         for bench, problems in benches.items():
             for policy in policies:
-                summary, records = evaluate(net, tokenizer, problems, policy, adapter, family, args.max_new, args.samples,
-                                            args.temperature, args.top_p, args.batch_size, args.seed, kl=args.kl,
-                                            compile=args.compile)
+                summary, records = evaluate(net, tokenizer, problems, policy, adapter, family, args.max_new,
+                                            args.samples, args.temperature, args.top_p, args.batch_size, args.seed,
+                                            kl=args.kl, compile=args.compile)
                 results["results"].append(dict(bench=bench, policy=policy.policy, budget=policy.budget,
                                                evict=policy.evict, skipped=skipped[bench], **summary))
                 f.writelines(json.dumps(dict(bench=bench, policy=policy.policy, **r), ensure_ascii=False) + "\n"

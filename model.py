@@ -64,7 +64,8 @@ def eos_ids(value, where) -> tuple:
 
 
 def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
-    """Translate a Hugging Face config.json (old `rope_theta` or new `rope_parameters` form) and refuse what we do not implement."""
+    """Translate a Hugging Face config.json (old `rope_theta` or new `rope_parameters` form) and refuse what we do
+    not implement."""
     if not isinstance(hf, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(hf).__name__}")
     kind = hf.get("model_type")
@@ -79,7 +80,8 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
     if not isinstance(hf.get("tie_word_embeddings", False), bool):
         raise ValueError(f"{where}: tie_word_embeddings must be true or false, got {hf['tie_word_embeddings']!r}")
     if kind not in SUPPORTED:
-        raise ValueError(f"{where}: model_type {kind!r} is not supported; supported: {', '.join(SUPPORTED)} (Qwen2/Qwen2.5, Llama/Llama-3)")
+        raise ValueError(f"{where}: model_type {kind!r} is not supported; supported: {', '.join(SUPPORTED)} "
+                         "(Qwen2/Qwen2.5, Llama/Llama-3)")
     if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias") or hf.get("use_sliding_window"):
         raise ValueError(f"{where}: unsupported option (hidden_act other than silu, mlp_bias or use_sliding_window)")
     rope = hf.get("rope_parameters") or {}
@@ -90,10 +92,12 @@ def config_from_hf(hf: dict, where="config.json") -> ModelConfig:
         heads = hf["num_attention_heads"]
         return ModelConfig(
             vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
-            n_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            n_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             ffn_dim=hf["intermediate_size"], rms_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
-            qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias")), o_bias=kind == "llama" and bool(hf.get("attention_bias")),
+            qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias")),
+            o_bias=kind == "llama" and bool(hf.get("attention_bias")),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             eos_ids=eos_ids(hf.get("eos_token_id"), where))
     except KeyError as e:
@@ -119,7 +123,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         wavelen = 2 * math.pi / inv_freq
         low_wl = s["original_max_position_embeddings"] / s["low_freq_factor"]
         high_wl = s["original_max_position_embeddings"] / s["high_freq_factor"]
-        smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+        smooth = ((s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"])
+                  / (s["high_freq_factor"] - s["low_freq_factor"]))
         mid = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
         inv_freq = torch.where(wavelen > low_wl, inv_freq / s["factor"], torch.where(wavelen < high_wl, inv_freq, mid))
     return inv_freq.float()
@@ -220,9 +225,10 @@ class Block(nn.Module):
         cfg, attn, mlp = self.cfg, self.self_attn, self.mlp
         B, T, _ = x.shape
         h = rms_norm(x, self.input_layernorm.weight, cfg.rms_eps)
-        q = self.linear(attn, "q", h, adapter, core).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.linear(attn, "k", h, adapter, core).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.linear(attn, "v", h, adapter, core).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        # q: (B, H, T, D); k, v: (B, Hkv, T, D)
+        q = self.linear(attn, "q", h, adapter, core).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = self.linear(attn, "k", h, adapter, core).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.linear(attn, "v", h, adapter, core).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, D)
@@ -231,7 +237,8 @@ class Block(nn.Module):
             o = attend_one(q, k, v, cache.mask) if T == 1 else attend_masked(q, k, v, cache.mask)  # (B, H, T, D)
         x = x + self.linear(attn, "o", o.transpose(1, 2).reshape(B, T, -1), adapter, core)
         h = rms_norm(x, self.post_attention_layernorm.weight, cfg.rms_eps)
-        gate_up = F.silu(self.linear(mlp, "gate", h, adapter, core)) * self.linear(mlp, "up", h, adapter, core)  # (B, T, F)
+        gate_up = (F.silu(self.linear(mlp, "gate", h, adapter, core))
+                   * self.linear(mlp, "up", h, adapter, core))  # (B, T, F)
         return x + self.linear(mlp, "down", gate_up, adapter, core)
 
 
@@ -281,15 +288,18 @@ REGISTRY = {
     "qwen2.5-7b": ("Qwen/Qwen2.5-7B-Instruct", _hf(28, 3584, 18944, 28, 4, 152064, False, 1e6)),
     "r1-llama-8b": ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", _hf(
         32, 4096, 14336, 32, 8, 128256, False, 5e5, "llama", 1e-5, eos=128001,
-        scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192))),
-    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", _hf(30, 576, 1536, 9, 3, 49152, True, 1e5, "llama", 1e-5, eos=2)),
+        scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=8192))),
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", _hf(
+        30, 576, 1536, 9, 3, 49152, True, 1e5, "llama", 1e-5, eos=2)),
     "toy": (None, None),  # ships in this repository: toy/ (see toy.py)
 }
 TOY_DIR = Path(__file__).resolve().parent / "toy"
 
 
 def resolve(name_or_path) -> Path:
-    """A folder, else a registry name: the local Hugging Face cache, else a download when huggingface_hub is installed."""
+    """A folder, else a registry name: the local Hugging Face cache, else a download when huggingface_hub is
+    installed."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -302,8 +312,10 @@ def resolve(name_or_path) -> Path:
             raise FileNotFoundError(f"model folder not found: {path}")
         raise ValueError(f"unknown model {name_or_path!r}: give a Hugging Face folder or one of {', '.join(REGISTRY)}")
     repo = REGISTRY[name_or_path][0]
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub")
-    snapshots = sorted((hub / f"models--{repo.replace('/', '--')}" / "snapshots").glob("*/config.json"), key=os.path.getmtime)
+    hub = Path(os.environ.get("HF_HUB_CACHE")
+               or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub")
+    snapshots = sorted((hub / f"models--{repo.replace('/', '--')}" / "snapshots").glob("*/config.json"),
+                       key=os.path.getmtime)
     if snapshots:
         return snapshots[-1].parent
     why = "huggingface_hub is not installed"
@@ -369,7 +381,8 @@ def load(name_or_path, dtype=None, device="cpu", random_weights=False) -> Transf
     device = torch.device(device)
     if random_weights:
         if REGISTRY.get(name_or_path, (None, None))[1] is None:
-            raise ValueError(f"random weights need a registry name with known shapes: {', '.join(k for k, v in REGISTRY.items() if v[1])}")
+            raise ValueError("random weights need a registry name with known shapes: "
+                             f"{', '.join(k for k, v in REGISTRY.items() if v[1])}")
         with torch.device(device):
             torch.manual_seed(0)
             model = Transformer(config_from_hf(REGISTRY[name_or_path][1])).to(dtype or torch.bfloat16)
@@ -392,7 +405,8 @@ def load(name_or_path, dtype=None, device="cpu", random_weights=False) -> Transf
              if k in expected and v.shape != expected[k].shape]
     for what, names in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong)):
         if names:
-            raise ValueError(f"{folder}: {len(names)} tensor(s) {what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+            raise ValueError(f"{folder}: {len(names)} tensor(s) {what}: "
+                             f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
     tensors = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
     broken = [k for k, v in tensors.items() if not torch.isfinite(v).all()]  # else generation is silently garbage
     if broken:

@@ -32,19 +32,22 @@ def text(x, y, s, anchor="start", size=12, color="#000", weight="normal"):
 
 def line(x1, y1, x2, y2, color="#000", width=1, dash=None, arrow=False):
     extra = (f' stroke-dasharray="{dash}"' if dash else "") + (' marker-end="url(#arrow)"' if arrow else "")
-    return f'<line x1="{_n(x1)}" y1="{_n(y1)}" x2="{_n(x2)}" y2="{_n(y2)}" stroke="{color}" stroke-width="{width}"{extra}/>'
+    return (f'<line x1="{_n(x1)}" y1="{_n(y1)}" x2="{_n(x2)}" y2="{_n(y2)}" stroke="{color}" '
+            f'stroke-width="{width}"{extra}/>')
 
 
 def polyline(points, color, width=2, label=""):
     pts = " ".join(f"{_n(x)},{_n(y)}" for x, y in points)
-    return f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="{width}" data-label="{escape(label)}"/>'
+    return (f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="{width}" '
+            f'data-label="{escape(label)}"/>')
 
 
 def document(width, height, elements):
     """A standalone SVG: white background, an arrow-head marker, the elements in order."""
-    head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" {FONT}>'
-            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto">'
-            '<path d="M0,0 L10,5 L0,10 z" fill="#000"/></marker></defs>')
+    head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" {FONT}>'
+            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
+            'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#000"/></marker></defs>')
     return "\n".join([head, rect(0, 0, width, height, "#fff", "none"), *elements, "</svg>\n"])
 
 
@@ -82,7 +85,8 @@ def line_chart(series, title, xlabel, ylabel, ylim=None, xlog=False, width=590, 
     for y in nice_ticks(y0, y1):
         out += [line(left, py(y), left + pw, py(y), "#ddd"), text(left - 6, py(y) + 4, _n(y), "end", 11)]
     out += [text(left + pw / 2, height - 8, xlabel, "middle"),
-            f'<text transform="translate(14,{_n(top + ph / 2)}) rotate(-90)" text-anchor="middle">{escape(ylabel)}</text>']
+            f'<text transform="translate(14,{_n(top + ph / 2)}) rotate(-90)" text-anchor="middle">'
+            f'{escape(ylabel)}</text>']
     for i, (label, xs, ys) in enumerate(series):
         color, pts = COLORS[i % len(COLORS)], [(px(x), py(y)) for x, y in zip(xs, ys)]
         out.append(polyline(pts, color, 2, label))
@@ -125,12 +129,12 @@ def cache_diagram(prompt_len=19, window=8, evict=0.25, n_tokens=22, memo=3):
     ring_x = left + 90
     s_x = ring_x + window * cell + 60
     height = top + n_tokens * row + 44
-    out = [text(12, 20, f"Decoding under a fixed cache: the prompt ({prompt_len} slots) is pinned, W = {window} thought slots "
-                f"form a ring,", weight="bold"),
-           text(12, 36, f"and when it is full the m = {m} oldest thoughts are evicted and folded into the encoder's state S.",
-                weight="bold"),
-           text(left + 40, top - 10, "prompt", "middle"), text(ring_x + window * cell / 2, top - 24, "ring of thought slots",
-                                                               "middle"),
+    out = [text(12, 20, f"Decoding under a fixed cache: the prompt ({prompt_len} slots) is pinned, "
+                f"W = {window} thought slots form a ring,", weight="bold"),
+           text(12, 36, f"and when it is full the m = {m} oldest thoughts are evicted and folded into the "
+                "encoder's state S.", weight="bold"),
+           text(left + 40, top - 10, "prompt", "middle"),
+           text(ring_x + window * cell / 2, top - 24, "ring of thought slots", "middle"),
            text(s_x + 15, top - 10, "S", "middle")]
     out += [text(ring_x + j * cell + cell / 2, top - 8, prompt_len + j, "middle", 9) for j in range(window)]
     oldest = 0  # first thought still in the window
@@ -138,7 +142,8 @@ def cache_diagram(prompt_len=19, window=8, evict=0.25, n_tokens=22, memo=3):
         y = top + t * row
         if t in evictions:  # before writing t: drop thoughts oldest .. oldest + m - 1, fold them into S
             for j in range(oldest, oldest + m):
-                out.append(rect(ring_x + (j % window) * cell + 2, y - 3, cell - 4, 4, "#d62728", "none", data_evicted=j))
+                out.append(rect(ring_x + (j % window) * cell + 2, y - 3, cell - 4, 4, "#d62728", "none",
+                                data_evicted=j))
             out.append(line(ring_x + window * cell + 4, y, s_x - 4, y, "#d62728", 1.5, arrow=True))
             note = f"S <- N(S + S'(K, V of thoughts {oldest}..{oldest + m - 1}))"
             if oldest <= memo < oldest + m:
@@ -148,14 +153,15 @@ def cache_diagram(prompt_len=19, window=8, evict=0.25, n_tokens=22, memo=3):
         folds = sum(e <= t for e in evictions)
         out += [text(left - 8, y + 14, f"t = {t}", "end", 10), rect(left, y, 80, row - 2, "#bbb", "#888"),
                 text(left + 40, y + 13, "pinned", "middle", 9, "#333"),
-                rect(s_x, y, 30, row - 2, "#f2d9a6" if folds else "#fbeed0", "#888"), text(s_x + 15, y + 13, f"S{folds}",
-                                                                                       "middle", 9)]
+                rect(s_x, y, 30, row - 2, "#f2d9a6" if folds else "#fbeed0", "#888"),
+                text(s_x + 15, y + 13, f"S{folds}", "middle", 9)]
         for j in range(oldest, t + 1):
             fill = "#1f77b4" if j == t else "#ff9f40" if j == memo else "#aec7e8"
-            out += [rect(ring_x + (j % window) * cell, y, cell - 2, row - 2, fill, "#888", data_slot=j % window, data_token=j),
-                    text(ring_x + (j % window) * cell + cell / 2 - 1, y + 13, j, "middle", 10, "#fff" if j == t else "#000")]
-    out.append(text(12, height - 22, "Cells: the thought each slot holds (dark: written at this step; orange: the memo). "
-                    "Red: the m oldest thoughts, evicted before this step's write;", size=10))
+            slot_x = ring_x + (j % window) * cell
+            out += [rect(slot_x, y, cell - 2, row - 2, fill, "#888", data_slot=j % window, data_token=j),
+                    text(slot_x + cell / 2 - 1, y + 13, j, "middle", 10, "#fff" if j == t else "#000")]
+    out.append(text(12, height - 22, "Cells: the thought each slot holds (dark: written at this step; "
+                    "orange: the memo). Red: the m oldest thoughts, evicted before this step's write;", size=10))
     out.append(text(12, height - 8, "their keys (un-rotated to pre-RoPE) and values fold into S, which the adapters "
                     "read at every later step: y += (alpha / r) B S A x.", size=10))
     return document(s_x + 440, height, out)

@@ -124,7 +124,8 @@ def _evict(cache, sched, rows, evicted, device):
     """Drop the oldest m_i tokens of each row in `rows` from its ring. Returns rows (R,), their positions (R, m) and
     slots (R, m), and valid (R, m) (m = the largest m_i; a row with a smaller m_i is padded)."""
     m = max(sched.counts[i] for i in rows)
-    slots = [[cache.prompt_slots + (evicted[i] + min(j, sched.counts[i] - 1)) % sched.windows[i] for j in range(m)] for i in rows]
+    slots = [[cache.prompt_slots + (evicted[i] + min(j, sched.counts[i] - 1)) % sched.windows[i] for j in range(m)]
+             for i in rows]
     valid = torch.tensor([[j < sched.counts[i] for j in range(m)] for i in rows], device=device)
     rows, slots = torch.tensor(rows, device=device), torch.tensor(slots, device=device)
     return rows, cache.evict(rows, slots, valid), slots, valid
@@ -177,11 +178,13 @@ def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, tempera
         cores = adapter.initial_cores(B) if adapter is not None else None
         t0 = time.perf_counter()
         cache.write_prompt(positions)
-        logits = dense(model.hidden(prompt, positions.clamp(min=0), cache, adapter, cores)[:, -1], model.lm_head)  # (B, V)
+        logits = dense(model.hidden(prompt, positions.clamp(min=0), cache, adapter, cores)[:, -1],
+                       model.lm_head)  # (B, V)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         # outputs written in place: per-step survivors would pin the heap under the growing attention temporaries
         tokens = torch.full((B, max_new), pad_id, device=device)  # (B, T)
-        logprobs, masks = torch.zeros(B, max_new, device=device), torch.zeros(B, max_new, dtype=torch.bool, device=device)
+        logprobs, masks = (torch.zeros(B, max_new, device=device),
+                           torch.zeros(B, max_new, dtype=torch.bool, device=device))
         evictions, evicted, ratios, steps = [[] for _ in range(B)], [0] * B, [], 0
         for t in range(max_new):
             token, logp = sample(logits, temperature, top_p, generator)
@@ -300,7 +303,8 @@ def _forward(model, adapter, cores, inputs, q_pos, key_pos, past_k, past_v, targ
         span = (start + i, start + i + h.shape[1])
         return token_fn(model.lm_head(h), targets[:, i:i + h.shape[1]], span)
     run = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if use_checkpoint else (lambda f, *a: f(*a))
-    values = [run(chunk_values, h[:, i:i + LOGIT_CHUNK], i) for i in range(0, h.shape[1], LOGIT_CHUNK)]  # (B, <= 64) each
+    values = [run(chunk_values, h[:, i:i + LOGIT_CHUNK], i)
+              for i in range(0, h.shape[1], LOGIT_CHUNK)]  # (B, <= 64) each
     return new_k, new_v, torch.cat(values, 1)
 
 
@@ -320,8 +324,8 @@ def replay_segment(model, adapter, ro, seg, counts, folds, token_fn, use_checkpo
     key_pos = torch.cat([prompt_pos, thought_pos], 1)
     q_pos = lens[:, None] + torch.arange(seg.start, seg.end, device=lens.device)  # (B, n)
     inputs, targets = ro.tokens[:, seg.start:seg.end], ro.tokens[:, seg.start + 1:seg.end + 1]  # (B, n) each
-    return (cores, *_forward(model, adapter, cores, inputs, q_pos, key_pos, [prompt_k, *thought_k], [prompt_v, *thought_v],
-                             targets, seg.start + 1, token_fn, use_checkpoint))
+    return (cores, *_forward(model, adapter, cores, inputs, q_pos, key_pos, [prompt_k, *thought_k],
+                             [prompt_v, *thought_v], targets, seg.start + 1, token_fn, use_checkpoint))
 
 
 def _prefill(model, adapter, ro, token_fn, use_checkpoint):
@@ -399,7 +403,8 @@ def score(model, rollout: Rollout, policy: CachePolicy, adapter=None, temperatur
                                               for n in lens], "full")
     else:
         sched = policy.schedule(lens, fed)
-        if [sched.steps(i, fed) for i in range(len(lens))] != [[t for t in row if t < fed] for row in rollout.evictions]:
+        if ([sched.steps(i, fed) for i in range(len(lens))]
+                != [[t for t in row if t < fed] for row in rollout.evictions]):
             raise ValueError("the rollout's evictions do not match this policy's schedule: "
                              "score it with the policy that generated it")
     folds = policy.policy == "pte" and adapter.cfg.mode != "global-only"  # global-only: S stays S(0)

@@ -20,9 +20,10 @@ now X is uniform over the digits there (ln 10 nats), chance stays 0.1 and the fu
 
 The k-memo family (length and capacity sweeps): a chain of 4k steps whose steps 1, 5, 9, ... are written as memo
 tokens of kinds a, b, c, ... (`b6`: kind b, digit 6), then `=` and the k memos recalled in order, then <eos>
-(trace 5k + 2 tokens; the prompt, x0 and the 4k operands padded with `_`, is 35 tokens for every k). At prompt + 8 thought slots the window still shows memo j at its recall only for k <= 4,
-and none for k >= 5: longer traces leave more to S. Its own model (vocabulary 108, 128 positions) is built by the
-sweep commands into runs/toy-memos/model; its adapters are distilled (GRPO's all-or-nothing reward is too sparse).
+(trace 5k + 2 tokens; the prompt, x0 and the 4k operands padded with `_`, is 35 tokens for every k). At prompt + 8
+thought slots the window still shows memo j at its recall only for k <= 4, and none for k >= 5: longer traces leave
+more to S. Its own model (vocabulary 108, 128 positions) is built by the sweep commands into runs/toy-memos/model;
+its adapters are distilled (GRPO's all-or-nothing reward is too sparse).
 
     python toy.py build [--steps 1200] [--seed 0] [--out toy]   rebuild the shipped model (about 1 minute on one core)
     python toy.py check [--out toy]                             held-out accuracy, full cache and window at P + 8
@@ -114,7 +115,8 @@ K_MAX, MEMO_EVERY, KINDS = 8, 4, "abcdefgh"
 VOCAB_MEMOS = VOCAB + [f"{kind}{d}" for kind in KINDS for d in range(10)] + ["_"]  # the shipped toy's 27 ids first
 MEMOS_MODEL = (VOCAB_MEMOS, 128)  # vocabulary and position limit of the family's model
 MEMO_PROMPT = MEMO_EVERY * K_MAX + 3  # every k's prompt is 35 tokens: x0, the 4k operands, then `_` fillers; with one
-# prompt length thought t always finds its operand t + 2 positions in (a 2-layer model did not learn a k-dependent offset)
+# prompt length thought t always finds its operand t + 2 positions in
+# (a 2-layer model did not learn a k-dependent offset)
 
 
 def encode_memos(digits, k):
@@ -265,7 +267,8 @@ def accuracy(model, tokenizer, problems, policy: CachePolicy):
 def check(folder, n=256):
     """Print the held-out accuracy under the full cache and under a window at budget P + 8 (chance is 0.1)."""
     model, tokenizer, problems = load(folder), load_tokenizer(folder), make_problems(n, EVAL_SEED)
-    acc = {policy: accuracy(model, tokenizer, problems, CachePolicy(policy, TOY_DEFAULTS["cache"], TOY_DEFAULTS["evict"]))
+    acc = {policy: accuracy(model, tokenizer, problems,
+                            CachePolicy(policy, TOY_DEFAULTS["cache"], TOY_DEFAULTS["evict"]))
            for policy in ("full", "window")}
     print(f"held-out accuracy, {n} problems, greedy: full cache {acc['full']:.3f}, "
           f"window at budget {TOY_DEFAULTS['cache']} (P + 8) {acc['window']:.3f} (chance 0.1)")
@@ -295,13 +298,16 @@ def memo_probe(model, adapter, n=2048, seed=VALID_SEED, ridge=10.0):
     x = torch.cat(folds[last * L:(last + 1) * L]).transpose(0, 1).flatten(1)  # (n, L r r)
     x = torch.cat([(x - x.mean(0)) / (x.std(0) + 1e-6), torch.ones(n, 1)], 1)
     y, fit = digits[:, :MEMO_AT + 1].sum(1) % 10, 3 * n // 4
-    w = torch.linalg.solve(x[:fit].T @ x[:fit] + ridge * torch.eye(x.shape[1]), x[:fit].T @ F.one_hot(y[:fit], 10).float())
+    w = torch.linalg.solve(x[:fit].T @ x[:fit] + ridge * torch.eye(x.shape[1]),
+                           x[:fit].T @ F.one_hot(y[:fit], 10).float())
     return ((x[fit:] @ w).argmax(1) == y[fit:]).float().mean().item()
 
 
-COMPARE = [  # (row, train.py arguments, objective): the GRPO rows share steps and rollouts; distillation is our extension
+# (row, train.py arguments, objective): the GRPO rows share steps and rollouts; distillation is our extension
+COMPARE = [
     ("PTE", ["--policy", "pte"], "GRPO"), ("LoRA_c (window)", ["--policy", "window"], "GRPO"),
-    ("PTE ablation: global-only", ["--policy", "global-only"], "GRPO"), ("PTE ablation: global-0", ["--policy", "global-0"], "GRPO"),
+    ("PTE ablation: global-only", ["--policy", "global-only"], "GRPO"),
+    ("PTE ablation: global-0", ["--policy", "global-0"], "GRPO"),
     ("PTE, distillation (our extension)", ["--policy", "pte", "--objective", "distill"], "distill")]
 
 
@@ -357,7 +363,8 @@ def compare(seeds, steps, distill_steps, threads, command, rows=None, out=Path("
 
     def accuracy_of(policy, adapter=None):
         policy = CachePolicy(policy, TOY_DEFAULTS["cache"], TOY_DEFAULTS["evict"])
-        summary, _ = evaluate(model, tokenizer, problems, policy, adapter, max_new=TOY_DEFAULTS["max_new"], batch_size=n, progress=False)
+        summary, _ = evaluate(model, tokenizer, problems, policy, adapter, max_new=TOY_DEFAULTS["max_new"],
+                              batch_size=n, progress=False)
         return dict(accuracy=summary["accuracy"])
 
     table = [(name, "-", "-", [ledger_result(ledger, f"base-{p}", lambda p=p: accuracy_of(p))])
@@ -367,9 +374,11 @@ def compare(seeds, steps, distill_steps, threads, command, rows=None, out=Path("
         n_steps = distill_steps if objective == "distill" else steps
         folders = [out / f"{extra[1]}-{objective.lower()}-{n_steps}steps-seed{seed}" for seed in seeds]
         done = json.loads(ledger.read_text()) if ledger.exists() else {}
-        if rows and extra[1] + ("-distill" if objective == "distill" else "") not in rows:  # not to train: its done seeds
+        # not to train: its done seeds
+        if rows and extra[1] + ("-distill" if objective == "distill" else "") not in rows:
             if finished := [(seed, f) for seed, f in zip(seeds, folders) if f.name in done]:
-                partial = f" (seeds {','.join(str(seed) for seed, _ in finished)})" if len(finished) < len(seeds) else ""
+                partial = (f" (seeds {','.join(str(seed) for seed, _ in finished)})"
+                           if len(finished) < len(seeds) else "")
                 table.append((name + partial, objective, n_steps, [done[f.name] for _, f in finished]))
                 runs[name + partial] = [f for _, f in finished]
             continue
@@ -383,14 +392,18 @@ def compare(seeds, steps, distill_steps, threads, command, rows=None, out=Path("
         runs[name] = folders
     series = reward_curves(runs)
     curve = plot.save(plot.line_chart(series, f"Toy: mean reward of the rollouts over {len(seeds)} seed(s)", "step",
-                                      "reward (10-step mean)", ylim=(0, 1)), plots / "toy-compare-reward.svg") if series else "none"
-    print(f"\n$ {command}\nHeld-out accuracy of Y ({n} problems, greedy), budget P + 8 (W = 8, m = 2), seeds {seeds}:\n")
+                                      "reward (10-step mean)", ylim=(0, 1)),
+                      plots / "toy-compare-reward.svg") if series else "none"
+    print(f"\n$ {command}\nHeld-out accuracy of Y ({n} problems, greedy), budget P + 8 (W = 8, m = 2), "
+          f"seeds {seeds}:\n")
     print("| method | objective | steps | accuracy (mean) | per seed |\n|---|---|---|---|---|")
     for name, objective, n_steps, results in table:
         accs = [r["accuracy"] for r in results]
-        print(f"| {name} | {objective} | {n_steps} | {sum(accs) / len(accs):.3f} | {' '.join(f'{a:.3f}' for a in accs)} |")
+        print(f"| {name} | {objective} | {n_steps} | {sum(accs) / len(accs):.3f} | "
+              f"{' '.join(f'{a:.3f}' for a in accs)} |")
     total = sum(r["seconds"] for _, _, _, results in table for r in results)
-    print(f"\ntotal time {total:.0f} s of training and evaluation ({threads} thread(s)); runs in {out}/; reward curves: {curve}")
+    print(f"\ntotal time {total:.0f} s of training and evaluation ({threads} thread(s)); runs in {out}/; "
+          f"reward curves: {curve}")
 
 
 MEMOS_DIR = Path("runs/toy-memos")
@@ -400,12 +413,14 @@ def memo_model(ledger, seed=0, steps=2000):
     """The k-memo family's model, built once into runs/toy-memos/model (one try, kept whatever its full-cache recall:
     the table's first row shows it); its build time goes into the ledger."""
     folder = MEMOS_DIR / "model"
-    built = ledger_result(ledger, "build", lambda: dict(seed=build(folder, steps, seed, tries=1, target=0.0, family=True)))
+    built = ledger_result(ledger, "build",
+                          lambda: dict(seed=build(folder, steps, seed, tries=1, target=0.0, family=True)))
     return load(folder), built["seconds"]
 
 
 def memo_adapter(model, k, policy, rank, steps, seed, threads):
-    """Distill (our extension: GRPO's reward is too sparse for k memos) an adapter on the k-memo task at budget P + 8."""
+    """Distill (our extension: GRPO's reward is too sparse for k memos) an adapter on the k-memo task at budget
+    P + 8."""
     data = MEMOS_DIR / f"k{k}-train.jsonl"
     if not data.exists():
         data.write_text("".join(json.dumps(p) + "\n" for p in make_memo_problems(20_000, k, seed=1)))
@@ -427,8 +442,10 @@ def memo_sweep(what, ks, ranks, steps, seed, threads, command, plots=Path("docs"
     policy = lambda name, k: CachePolicy(name, MEMO_PROMPT + 8, 0.25)  # noqa: E731
     acc = lambda key, fn: ledger_result(ledger, key, lambda: dict(accuracy=fn()))  # noqa: E731
     if what == "lengths":
-        rows = {"full cache (base)": lambda k: acc(f"k{k}-base-full", lambda: recall_accuracy(model, k, policy("full", k))),
-                "window (base)": lambda k: acc(f"k{k}-base-window", lambda: recall_accuracy(model, k, policy("window", k))),
+        rows = {"full cache (base)": lambda k: acc(f"k{k}-base-full", lambda: recall_accuracy(
+                    model, k, policy("full", k))),
+                "window (base)": lambda k: acc(f"k{k}-base-window", lambda: recall_accuracy(
+                    model, k, policy("window", k))),
                 "LoRA_c (distilled)": lambda k: acc(f"k{k}-window-r16-{steps}", lambda: recall_accuracy(
                     model, k, policy("window", k), memo_adapter(model, k, "window", 16, steps, seed, threads))),
                 "PTE (distilled)": lambda k: acc(f"k{k}-pte-r16-{steps}", lambda: recall_accuracy(
@@ -443,29 +460,31 @@ def memo_sweep(what, ks, ranks, steps, seed, threads, command, plots=Path("docs"
             model, k, policy("pte", k), memo_adapter(model, k, "pte", r, steps, seed, threads))) for r in ranks]}
         xs, xlabel, head = ranks, "rank r of S", "| method | " + " | ".join(f"r = {r}" for r in ranks) + " |"
         ylabel, title = "memos recalled (share, chance 0.1)", f"Capacity of S: recall of {k} memos against rank"
-    path = plot.save(plot.line_chart([(name, xs, [r["accuracy"] for r in rs]) for name, rs in results.items()], title, xlabel,
-                                     ylabel, ylim=(0, 1), xlog=what == "capacity"), plots / f"toy-{what}.svg")
-    print(f"\n$ {command}\nShare of memos recalled ({n} held-out problems, greedy; chance 0.1), cache: prompt + 8 thought slots, "
-          f"evict 2:\n\n{head}\n|---|" + "---|" * len(xs))
+    path = plot.save(plot.line_chart([(name, xs, [r["accuracy"] for r in rs]) for name, rs in results.items()], title,
+                                     xlabel, ylabel, ylim=(0, 1), xlog=what == "capacity"), plots / f"toy-{what}.svg")
+    print(f"\n$ {command}\nShare of memos recalled ({n} held-out problems, greedy; chance 0.1), "
+          f"cache: prompt + 8 thought slots, evict 2:\n\n{head}\n|---|" + "---|" * len(xs))
     for name, rs in results.items():
         print(f"| {name} | " + " | ".join(f"{r['accuracy']:.3f}" for r in rs) + " |")
         if what == "capacity":  # chance-corrected: k (share - 0.1) / 0.9
             print("| memos S holds (of k = {}) | ".format(ks[-1]) + " | ".join(
                 f"{ks[-1] * (r['accuracy'] - 0.1) / 0.9:.2f}" for r in rs) + " |")
     total = sum(r["seconds"] for rs in results.values() for r in rs)
-    print(f"\ntotal time {total + build_seconds:.0f} s ({build_seconds:.0f} s of it the model's build; {threads} thread(s)); "
-          f"runs in {MEMOS_DIR}/; plot: {path}")
+    print(f"\ntotal time {total + build_seconds:.0f} s ({build_seconds:.0f} s of it the model's build; "
+          f"{threads} thread(s)); runs in {MEMOS_DIR}/; plot: {path}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Build, check or run the experiments of the toy model (see the docstring of toy.py).")
+    parser = argparse.ArgumentParser(
+        description="Build, check or run the experiments of the toy model (see the docstring of toy.py).")
     parser.add_argument("command", choices=("build", "check", "compare", "lengths", "capacity", "probe"))
     parser.add_argument("--adapter", type=Path, help="adapter folder to probe (probe; default: a fresh one at --seed)")
     parser.add_argument("--out", type=Path, default=TOY_DIR, help="model folder (default: the repository's toy/)")
-    parser.add_argument("--steps", type=int, help="training steps (build: 1200; compare: the GRPO rows, default TOY_DEFAULTS; "
-                        "lengths, capacity: distillation steps, default 100)")
+    parser.add_argument("--steps", type=int, help="training steps (build: 1200; compare: the GRPO rows, "
+                        "default TOY_DEFAULTS; lengths, capacity: distillation steps, default 100)")
     parser.add_argument("--distill-steps", type=int, default=150, help="steps of the distillation row (compare)")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation and training-data seed (build, lengths, capacity)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initialisation and training-data seed (build, lengths, capacity)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of every trained row (compare)")
     parser.add_argument("--rows", help="comma-separated rows to train (compare): pte, window, global-only, global-0, "
                         "pte-distill; the others show the seeds already done (--rows none: report only)")
@@ -473,14 +492,16 @@ def main(argv=None):
     parser.add_argument("--ranks", default="4,8,16,32", help="ranks of S (capacity)")
     parser.add_argument("--plots", type=Path, default=Path("docs"), help="folder of the SVG plots")
     parser.add_argument("--tries", type=int, default=4, help="seeds to try until one learns the task (build)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: deterministic, and kind to a shared CPU)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: deterministic, and kind to a shared CPU)")
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = dict(build=1200, lengths=100, capacity=100).get(args.command, TOY_DEFAULTS["steps"])
     try:
         seeds, ks, ranks = ([int(s) for s in getattr(args, name).split(",")] for name in ("seeds", "ks", "ranks"))
     except ValueError:
-        parser.error(f"--seeds {args.seeds!r}, --ks {args.ks!r}, --ranks {args.ranks!r}: give comma-separated integers, e.g. 0,1,2")
+        parser.error(f"--seeds {args.seeds!r}, --ks {args.ks!r}, --ranks {args.ranks!r}: "
+                     "give comma-separated integers, e.g. 0,1,2")
     if not all(1 <= k <= K_MAX for k in ks) or min(ranks) < 1:
         parser.error(f"--ks must lie in 1..{K_MAX} and --ranks be >= 1")
     if args.steps < 1 or args.tries < 1 or args.distill_steps < 1:
@@ -495,7 +516,8 @@ def main(argv=None):
         model = load("toy")
         torch.manual_seed(args.seed)
         adapter = load_adapter(args.adapter, model.config) if args.adapter else Adapter(model.config, AdapterConfig(
-            "pte", TOY_DEFAULTS["rank"], TOY_DEFAULTS["alpha"], TOY_DEFAULTS["globals"], TOY_DEFAULTS["targets"].split(",")))
+            "pte", TOY_DEFAULTS["rank"], TOY_DEFAULTS["alpha"], TOY_DEFAULTS["globals"],
+            TOY_DEFAULTS["targets"].split(",")))
         return print(f"memo probe from S: {memo_probe(model, adapter):.3f} held-out accuracy (chance 0.1); {command}")
     if args.command in ("lengths", "capacity"):
         return memo_sweep(args.command, ks, ranks, args.steps, args.seed, args.threads, command, args.plots)
@@ -505,7 +527,8 @@ def main(argv=None):
             seed = build(args.out, args.steps, args.seed, args.tries)
         except RuntimeError as e:
             raise SystemExit(str(e)) from None
-        print(f"built {args.out} in {time.perf_counter() - t0:.0f} s (seed {seed}, {args.steps} steps, {args.threads} thread(s))")
+        print(f"built {args.out} in {time.perf_counter() - t0:.0f} s (seed {seed}, {args.steps} steps, "
+              f"{args.threads} thread(s))")
     elif not (args.out / "config.json").exists():
         raise SystemExit(f"no model at {args.out}: build it with  python toy.py build")
     check(args.out)

@@ -45,9 +45,9 @@ from cache import MIN_THOUGHT_SLOTS
 from model import load, load_tokenizer, resolve
 from rollout import CachePolicy, Rollout, generate, score
 
-PAPER_DEFAULTS = dict(policy="pte", cache=1024, evict=0.25, rank=32, globals=32, targets="q,k,v,o", lr=1e-5, grad_clip=1.0,
-                      max_new=3072, group=8, prompts_per_step=64, steps=200, temperature=1.0, beta=0.0, loss="token-mean",
-                      micro_batch=8, eval_every=50, eval_size=64, save_every=25, data="math_train")
+PAPER_DEFAULTS = dict(policy="pte", cache=1024, evict=0.25, rank=32, globals=32, targets="q,k,v,o", lr=1e-5,
+                      grad_clip=1.0, max_new=3072, group=8, prompts_per_step=64, steps=200, temperature=1.0, beta=0.0,
+                      loss="token-mean", micro_batch=8, eval_every=50, eval_size=64, save_every=25, data="math_train")
 SHAPE_KEYS = ("model", "policy", "rank", "globals", "targets")  # a checkpoint must agree on these to be resumed
 SAFE_ON_RESUME = ("steps", "save_every", "eval_every", "log_samples_every", "micro_batch", "threads", "device",
                   "data_dir", "compile")  # how long, how often, on what: not what the run computes
@@ -79,10 +79,12 @@ def parser():
         default = PAPER_DEFAULTS.get(key, builtin[key])
         kw["help"] += "" if default is None or default is False else f" (default: {default})"
         p.add_argument(flag, default=None, **kw)
-    a("--model", default="toy", help="registry name (qwen2.5-3b, r1-llama-8b, smollm2-135m, toy, ...) or Hugging Face folder")
+    a("--model", default="toy",
+      help="registry name (qwen2.5-3b, r1-llama-8b, smollm2-135m, toy, ...) or Hugging Face folder")
     a("--policy", choices=["pte", "window", "full", "global-0", "global-only"],
       help="cache policy: pte | window (LoRA_c) | full (LoRA) | global-0 | global-only (pte ablations)")
-    a("--objective", default="grpo", choices=["grpo", "distill"], help="distill: our extension, KL to the full-cache base model")
+    a("--objective", default="grpo", choices=["grpo", "distill"],
+      help="distill: our extension, KL to the full-cache base model")
     a("--cache", type=number(int, 1), help="cache budget N: prompt slots + thought window")
     a("--evict", type=number(float, 0, 1, above=True), help="share of the thought window evicted when it is full")
     a("--rank", type=number(int, 1), help="adapter rank r")
@@ -92,8 +94,8 @@ def parser():
       "B ~ N(0, b_init^2) (encoder.py)")
     a("--targets", type=target_names, help=f"adapted linears, comma-separated from {','.join(TARGETS)}")
     a("--lr", type=number(float, 0, above=True), help="AdamW learning rate")
-    a("--encoder-lr", type=number(float, 0, above=True), help="AdamW learning rate of the thought encoder (W_Q, W_K, W_V, "
-      "q_g, global tokens); default: --lr")
+    a("--encoder-lr", type=number(float, 0, above=True), help="AdamW learning rate of the thought encoder "
+      "(W_Q, W_K, W_V, q_g, global tokens); default: --lr")
     a("--grad-clip", type=number(float, 0, above=True), help="max gradient norm")
     a("--max-new", type=number(int, 1), help="rollout token limit")
     a("--group", type=number(int, 1), help="rollouts per prompt G")
@@ -122,7 +124,8 @@ def parser():
     a("--resume", help="run folder to continue from its latest checkpoint with its own settings (settings.json); "
       f"of the other flags only {', '.join('--' + k.replace('_', '-') for k in SAFE_ON_RESUME)} may change")
     a("--seed", type=int, default=0, help="seed of the adapter init, the data order and the sampling")
-    a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="base model dtype (auto: checkpoint's on GPU, fp32 on CPU)")
+    a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+      help="base model dtype (auto: checkpoint's on GPU, fp32 on CPU)")
     a("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     a("--threads", type=number(int, 1), help="CPU threads (torch.set_num_threads)")
     a("--compile", action=argparse.BooleanOptionalAction,
@@ -208,7 +211,8 @@ def step_prompts(problems, step, args, rank, world):
     """This rank's share of the step's prompts: a seeded permutation per epoch, so the order follows from the step."""
     n, per_rank = len(problems), args.prompts_per_step // world
     picks = []
-    for i in range(step * args.prompts_per_step + rank * per_rank, step * args.prompts_per_step + (rank + 1) * per_rank):
+    for i in range(step * args.prompts_per_step + rank * per_rank,
+                   step * args.prompts_per_step + (rank + 1) * per_rank):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + i // n))
         picks.append(problems[int(order[i % n])])
     return picks
@@ -221,8 +225,8 @@ def take(ro: Rollout, rows):
     window depends on its own prompt only, so the trim changes no value)."""
     P, T = int(ro.prompt_lens[rows].max()), int(ro.mask[rows].sum(1).max())
     return Rollout(ro.prompts[rows, ro.prompts.shape[1] - P:], ro.prompt_lens[rows], ro.tokens[rows, :T],
-                   ro.logprobs[rows, :T], ro.mask[rows, :T], ro.truncated[rows], [ro.evictions[i] for i in rows.tolist()],
-                   ro.stats)
+                   ro.logprobs[rows, :T], ro.mask[rows, :T], ro.truncated[rows],
+                   [ro.evictions[i] for i in rows.tolist()], ro.stats)
 
 
 class Objective(nn.Module):
@@ -236,14 +240,17 @@ class Objective(nn.Module):
 
     def forward(self, ro, adv, old_logp, n_rows, n_tokens):
         """(loss, stats, the learner's detached log-probs (b, T) or None). old_logp None: this is the batch's first
-        pass, and the PPO "old" log-probs are the learner's own replay (ratio exactly 1 in any dtype), not generate's."""
+        pass, and the PPO "old" log-probs are the learner's own replay (ratio exactly 1 in any dtype), not
+        generate's."""
         a = self.args
         if a.objective == "distill":  # forward KL(full-cache base || cache-constrained policy) per token
             with torch.no_grad():  # the teacher's (b, T, V) log-probs, one micro-batch at a time
                 teacher = score(self.model, ro, CachePolicy("full", a.cache, a.evict), None,
                                 token_fn=lambda logits, _, span: torch.log_softmax(logits.float(), -1))
-            per_token = score(self.model, ro, self.policy, self.adapter, truncate=a.truncate, token_fn=lambda logits, _, span: (
-                teacher[:, span[0]:span[1]].exp() * (teacher[:, span[0]:span[1]] - torch.log_softmax(logits.float(), -1))).sum(-1))
+            per_token = score(self.model, ro, self.policy, self.adapter, truncate=a.truncate,
+                              token_fn=lambda logits, _, span: (
+                                  teacher[:, span[0]:span[1]].exp()
+                                  * (teacher[:, span[0]:span[1]] - torch.log_softmax(logits.float(), -1))).sum(-1))
             loss = torch.where(ro.mask, per_token, 0).sum() / n_tokens
             return loss, dict(kl=loss.item() * n_tokens / max(int(ro.mask.sum()), 1), clip_frac=0.0), None
         ref_logp = None
@@ -344,7 +351,8 @@ def load_checkpoint(run: Path, settings, model_cfg, device):
         break
     else:
         raise ValueError(f"--resume {run}: no intact checkpoint: {'; '.join(errors)}")
-    diff = [f"{k}: checkpoint {state['settings'].get(k)!r}, now {settings[k]!r}" for k in SHAPE_KEYS if state["settings"].get(k) != settings[k]]
+    diff = [f"{k}: checkpoint {state['settings'].get(k)!r}, now {settings[k]!r}" for k in SHAPE_KEYS
+            if state["settings"].get(k) != settings[k]]
     if diff:
         raise ValueError(f"--resume {run}: the checkpoint does not match this run ({'; '.join(diff)})")
     return state["step"], adapter, state["optimizer"]
@@ -467,16 +475,18 @@ def train(args, stop):
     mode = {"pte": "pte", "global-0": "global-0", "global-only": "global-only"}.get(args.policy, "lora")
     cache_policy = CachePolicy("pte" if mode != "lora" else args.policy, args.cache, args.evict)
     ref_policy = CachePolicy("window" if cache_policy.policy == "pte" else cache_policy.policy, args.cache, args.evict)
-    settings = dict(model=args.model, policy=args.policy, cache_policy=cache_policy.policy, rank=args.rank, globals=args.globals,
-                    targets=args.targets, set_aside=dict(training=set_aside, held_out=held_out_set_aside,
-                                                         min_thought_slots=MIN_THOUGHT_SLOTS),
+    settings = dict(model=args.model, policy=args.policy, cache_policy=cache_policy.policy, rank=args.rank,
+                    globals=args.globals, targets=args.targets,
+                    set_aside=dict(training=set_aside, held_out=held_out_set_aside,
+                                   min_thought_slots=MIN_THOUGHT_SLOTS),
                     **{k: v for k, v in vars(args).items() if k not in (*SHAPE_KEYS, *NOT_SETTINGS)})
     torch.manual_seed(args.seed)
     adapter = Adapter(model.config, AdapterConfig(mode, args.rank, args.alpha, args.globals, args.targets.split(","),
                                                   args.b_init)).to(device)
     optimizer = torch.optim.AdamW(param_groups(adapter, args.lr, args.encoder_lr), lr=args.lr, weight_decay=0.0)
     start = 0
-    out = Path(args.resume or args.out or f"runs/{Path(str(args.model)).name}-{args.policy}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(args.resume or args.out
+               or f"runs/{Path(str(args.model)).name}-{args.policy}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.resume:
         start, adapter, opt_state = load_checkpoint(out, settings, model.config, device)
         optimizer = torch.optim.AdamW(param_groups(adapter, args.lr, args.encoder_lr), lr=args.lr, weight_decay=0.0)
@@ -487,7 +497,8 @@ def train(args, stop):
             trim_log(out / "samples.jsonl", start)
     objective = Objective(model, adapter, args, cache_policy, ref_policy)
     if world > 1:
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+        objective = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "settings.json.tmp").write_text(json.dumps(settings, indent=1))
@@ -518,37 +529,46 @@ def train(args, stop):
         per_step_peak = reset_peak_memory(device)
         problems = step_prompts(train_set, step, args, rank, world)
         prompts = [p["prompt_ids"] for p in problems for _ in range(args.group)]
-        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 1009 + rank)  # a function of the step: resumable
+        # a function of the step: resumable
+        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
         ro = generate(model, prompts, cache_policy, args.max_new, adapter, args.temperature, args.top_p, generator=gen,
                       compile=args.compile)
         if step == start and ro.stats.get("first_step_s"):
             tqdm.write(f"compiled decode step: first call {ro.stats['first_step_s']:.1f} s (compiling included)")
         texts = [tokenizer.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(ro.tokens, ro.mask)]
-        rewards = torch.tensor([grade.score(t, p["answer"]) for t, p in zip(texts, (p for p in problems for _ in range(args.group)))], device=device)
+        rewards = torch.tensor([grade.score(t, p["answer"]) for t, p in
+                                zip(texts, (p for p in problems for _ in range(args.group)))], device=device)
         adv = group_advantages(rewards, args.group, std_norm=not args.no_std) if args.objective == "grpo" else rewards
         stats = update(objective, optimizer, ro, adv, args, world)
         lengths = ro.mask.sum(1).float()
         metrics = dict(step=step + 1, reward=rewards.mean().item(), accuracy=rewards.mean().item(),
-                       zero_std_groups=(rewards.view(-1, args.group).amax(1) == rewards.view(-1, args.group).amin(1)).float().mean().item(),
-                       length_mean=lengths.mean().item(), length_max=lengths.max().item(), truncated=ro.truncated.float().mean().item(),
+                       zero_std_groups=(rewards.view(-1, args.group).amax(1)
+                                        == rewards.view(-1, args.group).amin(1)).float().mean().item(),
+                       length_mean=lengths.mean().item(), length_max=lengths.max().item(),
+                       truncated=ro.truncated.float().mean().item(),
                        evictions=ro.stats["evictions"], window_min=min(ro.stats["windows"]),
-                       window_mean=sum(ro.stats["windows"]) / len(ro.stats["windows"]), s_update_ratio=ro.stats["s_update_ratio"], **stats,
-                       tokens_per_s=ro.stats["tokens_per_s"], peak_memory_gb=peak_memory_gb(device) if per_step_peak else None,
+                       window_mean=sum(ro.stats["windows"]) / len(ro.stats["windows"]),
+                       s_update_ratio=ro.stats["s_update_ratio"], **stats,
+                       tokens_per_s=ro.stats["tokens_per_s"],
+                       peak_memory_gb=peak_memory_gb(device) if per_step_peak else None,
                        step_seconds=time.perf_counter() - t0, wall_seconds=time.perf_counter() - t_start)
         if world > 1:  # the logged rollout metrics are rank 0's share; the loss and the update cover all ranks
             dist.barrier()
         if rank != 0:
             continue
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}")
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if metrics["truncated"] > 0.9:
-            tqdm.write(f"WARNING step {step + 1}: {metrics['truncated']:.0%} of the rollouts hit --max-new {args.max_new} "
-                       "without an answer: their reward is 0. Raise --max-new or check the prompt format.")
+            tqdm.write(f"WARNING step {step + 1}: {metrics['truncated']:.0%} of the rollouts hit "
+                       f"--max-new {args.max_new} without an answer: their reward is 0. "
+                       "Raise --max-new or check the prompt format.")
         if args.log_samples_every and (step + 1) % args.log_samples_every == 0:
             with open(out / "samples.jsonl", "a") as f:
                 for i in range(0, len(texts), args.group)[:4]:
-                    f.write(json.dumps(dict(step=step + 1, problem=problems[i // args.group]["problem"], answer=problems[i // args.group]["answer"],
+                    f.write(json.dumps(dict(step=step + 1, problem=problems[i // args.group]["problem"],
+                                            answer=problems[i // args.group]["answer"],
                                             completion=texts[i], reward=rewards[i].item())) + "\n")
         done, stop["committing"] = step + 1, False
         if stop["signal"] and world == 1:  # it came during the update: the step is kept
@@ -556,15 +576,16 @@ def train(args, stop):
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_checkpoint(out, step + 1, adapter, optimizer, settings)
         if args.eval_every and (step + 1) % args.eval_every == 0 and held_out:
-            summary, _ = evaluate(model, tokenizer, held_out, cache_policy, adapter=adapter, family=family, max_new=args.max_new,
-                                  batch_size=max(args.micro_batch, 16), progress=False, compile=args.compile)
+            summary, _ = evaluate(model, tokenizer, held_out, cache_policy, adapter=adapter, family=family,
+                                  max_new=args.max_new, batch_size=max(args.micro_batch, 16), progress=False,
+                                  compile=args.compile)
             tqdm.write(f"step {step + 1}: held-out accuracy {summary['accuracy']:.3f} ({len(held_out)} problems)")
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(dict(step=step + 1, held_out_accuracy=summary["accuracy"])) + "\n")
     if rank == 0:
         save_adapter(adapter, out / "adapter", policy=cache_policy.policy, settings=settings)
-        print(f"done: {args.steps - start} steps in {time.perf_counter() - t_start:.0f} s; adapter in {out / 'adapter'}; "
-              f"reward curve in {plot.reward_curve(out)}")
+        print(f"done: {args.steps - start} steps in {time.perf_counter() - t_start:.0f} s; "
+              f"adapter in {out / 'adapter'}; reward curve in {plot.reward_curve(out)}")
         if held_out and args.eval_size:
             held_out_table(model, tokenizer, held_out, family, adapter, cache_policy, args)
     if world > 1:

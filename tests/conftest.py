@@ -104,4 +104,5 @@ def smol(smollm2):
 
 def chatml(tokenizer, question):
     """SmolLM2's chat format for one user message, as token ids."""
-    return tokenizer.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).ids
+    return tokenizer.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
+                            add_special_tokens=False).ids

@@ -26,21 +26,24 @@ R1_TEMPLATE = (
     r"{{'<｜User｜>' + message['content']}}{%- endif %}"
     r"{%- if message['role'] == 'assistant' and message['content'] is none %}{%- set ns.is_tool = false -%}"
     r"{%- for tool in message['tool_calls']%}{%- if not ns.is_first %}"
-    r"{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + "
+    r"{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + "
+    r"tool['type'] + '<｜tool▁sep｜>' + "
     r"tool['function']['name'] + '\n' + '```json' + '\n' + tool['function']['arguments'] + '\n' + '```' + "
     r"'<｜tool▁call▁end｜>'}}{%- set ns.is_first = true -%}{%- else %}"
     r"{{'\n' + '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\n' + "
     r"'```json' + '\n' + tool['function']['arguments'] + '\n' + '```' + '<｜tool▁call▁end｜>'}}"
     r"{{'<｜tool▁calls▁end｜><｜end▁of▁sentence｜>'}}{%- endif %}{%- endfor %}{%- endif %}"
     r"{%- if message['role'] == 'assistant' and message['content'] is not none %}{%- if ns.is_tool %}"
-    r"{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}{%- set ns.is_tool = false -%}"
+    r"{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}"
+    r"{%- set ns.is_tool = false -%}"
     r"{%- else %}{% set content = message['content'] %}{% if '</think>' in content %}"
     r"{% set content = content.split('</think>')[-1] %}{% endif %}"
     r"{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}"
     r"{%- if message['role'] == 'tool' %}{%- set ns.is_tool = true -%}{%- if ns.is_output_first %}"
-    r"{{'<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}"
-    r"{%- set ns.is_output_first = false %}{%- else %}"
-    r"{{'\n<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}{%- endif %}{%- endif %}"
+    r"{{'<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + "
+    r"'<｜tool▁output▁end｜>'}}{%- set ns.is_output_first = false %}{%- else %}"
+    r"{{'\n<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}"
+    r"{%- endif %}{%- endif %}"
     r"{%- endfor -%}{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% endif %}"
     r"{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜><think>\n'}}{% endif %}"
 )
@@ -125,7 +128,8 @@ def test_prompt_equals_template_on_real_problems(family, request, data_dir):
 def test_prompts_by_hand():
     # written out independently of any template: the exact strings the models must see
     q = "What is $1+1$?\nPlease reason step by step, and put your final answer within \\boxed{}."
-    assert format_prompt("What is $1+1$?", "r1") == f"<｜begin▁of▁sentence｜><｜User｜>{q}<｜Assistant｜><think>\n"
+    assert format_prompt("What is $1+1$?", "r1") == (
+        f"<｜begin▁of▁sentence｜><｜User｜>{q}<｜Assistant｜><think>\n")
     assert format_prompt("What is $1+1$?", "qwen2.5") == (
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
         f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")

@@ -41,10 +41,12 @@ class CharTokenizer:
 def test_grades_and_aggregates_known_completions(monkeypatch):
     tok = CharTokenizer()
     answers = {0: ["\\boxed{2}", "\\boxed{3}", "\\boxed{2}"], 1: ["\\boxed{4}", "x", "\\boxed{6}"]}  # 2/3 and 0/3 right
-    prompts = {tok.decode(tok.encode(data.format_prompt(p["problem"], "qwen2.5")).ids): i for i, p in enumerate(PROBLEMS)}
+    prompts = {tok.decode(tok.encode(data.format_prompt(p["problem"], "qwen2.5")).ids): i
+               for i, p in enumerate(PROBLEMS)}
     batches = []
 
-    def fake_generate(model, prompt_ids, policy, max_new, adapter=None, temperature=0.0, top_p=1.0, generator=None, **_):
+    def fake_generate(model, prompt_ids, policy, max_new, adapter=None, temperature=0.0, top_p=1.0, generator=None,
+                      **_):
         texts = [answers[prompts[tok.decode(p)]].pop(0) for p in prompt_ids]  # KeyError: not the templated prompt
         batches.append(len(texts))
         T = max(map(len, texts))
@@ -55,18 +57,19 @@ def test_grades_and_aggregates_known_completions(monkeypatch):
 
     monkeypatch.setattr(ev.rollout, "generate", fake_generate)
     model = SimpleNamespace(embed_tokens=SimpleNamespace(weight=torch.zeros(1)))  # only its device is read
-    summary, records = ev.evaluate(model, tok, PROBLEMS, rollout.CachePolicy("window", 100), family="qwen2.5", max_new=9,
-                                   samples=3, batch_size=2, progress=False)
+    summary, records = ev.evaluate(model, tok, PROBLEMS, rollout.CachePolicy("window", 100), family="qwen2.5",
+                                   max_new=9, samples=3, batch_size=2, progress=False)
     assert batches == [2, 2, 2]
     assert [(r["id"], r["sample"]) for r in records] == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]
-    assert sorted(r["correct"] for r in records[:3]) == [False, True, True] and not any(r["correct"] for r in records[3:])
+    assert (sorted(r["correct"] for r in records[:3]) == [False, True, True]
+            and not any(r["correct"] for r in records[3:]))
     assert {r["answer"] for r in records} == {"2", "3", "4", "6", None}
     assert sorted(r["completion"] for r in records[3:]) == ["\\boxed{4}", "\\boxed{6}", "x"]  # decoded up to the mask
     assert records[0]["gold"] == ["2", "two"] and records[3]["gold"] == "5"
     # lengths 9,9,9,9,1,9; truncated where length reaches max_new=9; evictions at t=0 and 3 count for t < length - 1
-    assert summary == dict(n=2, samples=3, accuracy=pytest.approx(1 / 3), pass_at_k=0.5, mean_length=pytest.approx(46 / 6),
-                           truncated=pytest.approx(5 / 6), evictions_per_sample=pytest.approx(10 / 6),
-                           tokens_per_s=pytest.approx(46 / 3))
+    assert summary == dict(n=2, samples=3, accuracy=pytest.approx(1 / 3), pass_at_k=0.5,
+                           mean_length=pytest.approx(46 / 6), truncated=pytest.approx(5 / 6),
+                           evictions_per_sample=pytest.approx(10 / 6), tokens_per_s=pytest.approx(46 / 3))
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +77,8 @@ def tiny(tmp_path_factory, qwen_tokenizer_dir):
     """A tiny random Qwen2 folder with the real Qwen2.5 tokenizer (chat family qwen2.5), a 3-problem benchmark folder,
     and the prompts' length in tokens (all three the same)."""
     folder = tmp_path_factory.mktemp("tiny_eval")
-    tiny_hf("qwen2", vocab_size=151936, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
-            tie_word_embeddings=True, eos_token_id=151645).save_pretrained(folder)
+    tiny_hf("qwen2", vocab_size=151936, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+            num_key_value_heads=1, tie_word_embeddings=True, eos_token_id=151645).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(qwen_tokenizer_dir / name, folder / name)
     bench = folder / "bench"

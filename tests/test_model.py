@@ -16,7 +16,8 @@ import rollout
 from cache import RingCache
 from conftest import chatml, tiny_hf
 
-LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=32)
 SCALED = dict(rope_theta=500.0, rope_scaling=LLAMA3)  # D = 8: wavelengths 6, 30, 140, 663 hit all three llama3 branches
 
 
@@ -30,7 +31,8 @@ def random_tokens(shape, vocab=97, seed=0):
 
 
 def max_diff(folder, hf, T=80):
-    """Largest |logit difference| between our load of `folder` and the transformers model, on 2 rows of T > 32 tokens."""
+    """Largest |logit difference| between our load of `folder` and the transformers model, on 2 rows of T > 32
+    tokens."""
     tokens = random_tokens((2, T), hf.config.vocab_size)
     with torch.no_grad():
         return (M.load(folder)(tokens) - hf(tokens).logits).abs().max().item()
@@ -126,7 +128,7 @@ def test_generate_logprobs_equal_one_forward(tiny_qwen):
     assert out.mask.all() and (out.logprobs - logp).abs().max() < 1e-5
 
 
-# ---------------------------------------------------------------------------------------------------- registry, tokenizer
+# -------------------------------------------------------------------------------------------------- registry, tokenizer
 
 SPEC_SHAPES = {  # SPEC section 1: layers, d, ffn, H, Hkv, vocab, tied, rope theta; smollm2 from its config.json
     "qwen2.5-0.5b": (24, 896, 4864, 14, 2, 151936, True, 1e6),
@@ -142,12 +144,15 @@ def test_masked_attention_with_expanded_kv_heads_equals_gqa():
     """attend_masked's cuda path (KV heads expanded, no enable_gqa) equals SDPA's own GQA, and attend_one (decode)
     equals both, under a mask that hides some keys: query head h reads KV head h // (H / Hkv)."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 6, 3, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
-    mask = torch.zeros(2, 1, 3, 5).masked_fill_(torch.rand(2, 1, 3, 5, generator=g) < 0.3, torch.finfo(torch.float32).min)
+    q, k, v = (torch.randn(2, 6, 3, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g),
+               torch.randn(2, 2, 5, 8, generator=g))
+    mask = torch.zeros(2, 1, 3, 5).masked_fill_(torch.rand(2, 1, 3, 5, generator=g) < 0.3,
+                                                torch.finfo(torch.float32).min)
     mask[..., 0] = 0  # every query sees a key
     plain = M.attend_masked(q, k, v, mask, expand=False)
     torch.testing.assert_close(M.attend_masked(q, k, v, mask, expand=True), plain)
-    by_hand = torch.softmax(q @ k.repeat_interleave(3, 1).transpose(-1, -2) / 8 ** 0.5 + mask, -1) @ v.repeat_interleave(3, 1)
+    by_hand = (torch.softmax(q @ k.repeat_interleave(3, 1).transpose(-1, -2) / 8 ** 0.5 + mask, -1)
+               @ v.repeat_interleave(3, 1))
     torch.testing.assert_close(plain, by_hand)
     torch.testing.assert_close(M.attend_one(q[:, :, :1], k, v, mask[:, :, :1]), by_hand[:, :, :1])
 
@@ -160,7 +165,8 @@ def test_registry_shapes(name):
     assert c.head_dim == c.dim // c.n_heads and c.qkv_bias == name.startswith("qwen")
     if name == "r1-llama-8b":
         assert c.rms_eps == 1e-5 and c.rope_scaling == dict(
-            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=8192)
     assert set(M.REGISTRY) == {*SPEC_SHAPES, "toy"}
 
 
@@ -215,8 +221,10 @@ def test_malformed_config(tiny_copy):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "1 tensor.s. missing: layers.1.mlp.up_proj.weight"),
-    (lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(3)}), "1 tensor.s. unexpected: layers.0.extra.weight"),
-    (lambda t: t.update({"model.norm.weight": torch.zeros(31)}), r"wrong shape: norm.weight: \(31,\) on disk, \(32,\) expected"),
+    (lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(3)}),
+     "1 tensor.s. unexpected: layers.0.extra.weight"),
+    (lambda t: t.update({"model.norm.weight": torch.zeros(31)}),
+     r"wrong shape: norm.weight: \(31,\) on disk, \(32,\) expected"),
 ], ids=["missing", "unexpected", "wrong-shape"])
 def test_bad_tensors(tiny_copy, edit, message):
     edit_tensors(tiny_copy, edit)
@@ -262,5 +270,6 @@ def test_smollm2_logits_equal_transformers(smol):
 @pytest.mark.slow
 def test_smollm2_answers_paris(smol):
     _, ours, tok = smol
-    out = rollout.generate(ours, [chatml(tok, "What is the capital of France?")], rollout.CachePolicy("full"), max_new=24)
+    out = rollout.generate(ours, [chatml(tok, "What is the capital of France?")], rollout.CachePolicy("full"),
+                           max_new=24)
     assert "Paris" in tok.decode(out.tokens[0][out.mask[0]].tolist())

@@ -1,4 +1,5 @@
-"""plot.py: the SVG it writes parses, puts the data where the axes say, and the cache diagram shows what the cache holds."""
+"""plot.py: the SVG it writes parses, puts the data where the axes say, and the cache diagram shows what the cache
+holds."""
 import json
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
@@ -24,7 +25,8 @@ def frame(svg):
 
 
 def test_line_chart_maps_data_onto_the_axes():
-    svg = plot.line_chart([("a", [0, 5, 10], [0.0, 0.5, 1.0]), ("b", [0, 10], [0.25, 0.25])], "t", "step", "reward", ylim=(0, 1))
+    svg = plot.line_chart([("a", [0, 5, 10], [0.0, 0.5, 1.0]), ("b", [0, 10], [0.25, 0.25])], "t", "step", "reward",
+                          ylim=(0, 1))
     left, top, right, bottom = frame(svg)
     a = points(svg, "a")
     assert a[0] == (left, bottom) and a[2] == (right, top)  # (0, 0) and (10, 1): the corners
@@ -35,7 +37,8 @@ def test_line_chart_maps_data_onto_the_axes():
 
 
 def test_log_axis_spaces_ranks_evenly():
-    xs = [x for x, _ in points(plot.line_chart([("r", [4, 8, 16, 32], [1, 2, 3, 4])], "t", "rank", "memos", xlog=True), "r")]
+    svg = plot.line_chart([("r", [4, 8, 16, 32], [1, 2, 3, 4])], "t", "rank", "memos", xlog=True)
+    xs = [x for x, _ in points(svg, "r")]
     assert abs((xs[1] - xs[0]) - (xs[3] - xs[2])) < 0.11 and xs[0] < xs[1] < xs[2] < xs[3]
 
 
@@ -45,7 +48,8 @@ def test_nice_ticks():
 
 
 def test_reward_curve_of_a_run(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(step=i + 1, reward=r)) + "\n" for i, r in enumerate([0, 1, 0, 1])))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(step=i + 1, reward=r)) + "\n"
+                                                    for i, r in enumerate([0, 1, 0, 1])))
     svg = plot.reward_curve(tmp_path).read_text()
     left, top, right, bottom = frame(svg)
     assert [y for _, y in points(svg, "per step")] == [bottom, top, bottom, top]
@@ -77,5 +81,6 @@ def test_cache_diagram_draws_the_ring_cache():
                  for i, y in enumerate(rows)}
         assert drawn == ring_contents(19, window, m, n)
         marks = [int(e.get("data-evicted")) for e in root.iter(NS + "rect") if e.get("data-evicted")]
-        assert marks == list(range(m * len(eviction_steps(n, window, m, "window"))))  # each eviction of m, once, in order
-        assert sum(1 for e in root.iter(NS + "line") if e.get("marker-end")) == len(eviction_steps(n, window, m, "window"))
+        evictions = len(eviction_steps(n, window, m, "window"))
+        assert marks == list(range(m * evictions))  # each eviction of m, once, in order
+        assert sum(1 for e in root.iter(NS + "line") if e.get("marker-end")) == evictions

@@ -104,7 +104,8 @@ def masked_diff(a, b, mask):
 
 def test_window_with_room_equals_full(tiny):
     full, window = run(tiny, "full"), run(tiny, "window", budget=P + MAX_NEW + 5)
-    assert window.evictions == [[]] * 3 and torch.equal(full.tokens, window.tokens) and torch.equal(full.logprobs, window.logprobs)
+    assert (window.evictions == [[]] * 3 and torch.equal(full.tokens, window.tokens)
+            and torch.equal(full.logprobs, window.logprobs))
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -168,9 +169,11 @@ def test_fold_is_the_spec_update(tiny):
 # ---------------------------------------------------------------------------------------------------- score
 
 def early_stopping_eos(model, policy, adapter, temperature):
-    """An id that some row samples, near mid-completion, and another row never does: as EOS it stops rows at different steps."""
+    """An id that some row samples, near mid-completion, and another row never does: as EOS it stops rows at
+    different steps."""
     rows = run(model, policy, adapter, temperature=temperature).tokens.tolist()
-    candidates = [(abs(i - MAX_NEW // 2), t) for row in rows for i, t in enumerate(row) if any(t not in other for other in rows)]
+    candidates = [(abs(i - MAX_NEW // 2), t) for row in rows for i, t in enumerate(row)
+                  if any(t not in other for other in rows)]
     return min(candidates)[1]
 
 
@@ -216,7 +219,8 @@ def test_score_gradients(tiny, policy, mode):
 
 
 class DetachOutside(MaskedForward):
-    """MaskedForward whose keys and values outside one piece of the sequence are constants: truncated backprop by hand."""
+    """MaskedForward whose keys and values outside one piece of the sequence are constants: truncated backprop by
+    hand."""
 
     def __init__(self, mask, inside):
         super().__init__(mask)
@@ -274,7 +278,8 @@ def test_truncated_pte_reaches_every_parameter(tiny):
             g[truncate] = {name: p.grad.clone() for name, p in adapter.named_parameters() if p.grad is not None}
         if t1 is None:
             assert len(g[True]) == len(list(adapter.parameters()))
-            assert all((x.flatten(1) if x.dim() == 3 else x.flatten()[None]).abs().sum(1).gt(0).all() for x in g[True].values())
+            assert all((x.flatten(1) if x.dim() == 3 else x.flatten()[None]).abs().sum(1).gt(0).all()
+                       for x in g[True].values())
         else:
             assert g[True].keys() == g[False].keys() and all(torch.allclose(g[True][n], g[False][n]) for n in g[True])
 
@@ -289,7 +294,8 @@ def test_full_ignores_budget(tiny):
 
 def test_memory_fixed_by_budget(tiny):
     budget, cfg = P + W, tiny.config
-    slots = {(policy, n): thought_slots(policy, budget, P, n) for policy in ("full", "window", "pte") for n in (100, 10_000)}
+    slots = {(policy, n): thought_slots(policy, budget, P, n) for policy in ("full", "window", "pte")
+             for n in (100, 10_000)}
     assert slots["window", 100] == slots["window", 10_000] == slots["pte", 10_000] == W
     assert (slots["full", 100], slots["full", 10_000]) == (100, 10_000)
     size = lambda n: RingCache.allocate(cfg, 3, P, [n] * 3, torch.float32, "cpu").k.numel()
@@ -320,7 +326,8 @@ def test_eviction_schedule():
 
 
 def test_budget_too_small(tiny):
-    with pytest.raises(ValueError, match="cache budget 10 leaves 2 thought slots after a 8-token prompt; need at least 4"):
+    with pytest.raises(ValueError,
+                       match="cache budget 10 leaves 2 thought slots after a 8-token prompt; need at least 4"):
         run(tiny, "window", budget=10)
     assert thought_slots("window", 12, 8, 100) == 4
 
@@ -401,7 +408,8 @@ def test_score_gradients_equal_finite_differences(tiny_qwen):
     differences in fp64: it fails if the chain of S, the keys' path into S or S(0)'s global tokens is detached."""
     model = M.load(tiny_qwen[0], dtype=torch.float64)
     adapter = make_adapter(model.config, "pte").double()
-    roll = generate(model, PROMPTS, CachePolicy("pte", P + W), MAX_NEW, adapter, 1.0, eos_ids=[], pad_id=0, generator=gen())
+    roll = generate(model, PROMPTS, CachePolicy("pte", P + W), MAX_NEW, adapter, 1.0, eos_ids=[], pad_id=0,
+                    generator=gen())
     weights = torch.randn(roll.tokens.shape, generator=gen(1), dtype=torch.float64)
     loss = lambda: (score(model, roll, CachePolicy("pte", P + W), adapter, 1.0) * weights).sum()  # noqa: E731
     names = ["q_g", "W_Q", "W_K", "W_V", "k_g", "v_g"]

@@ -113,15 +113,16 @@ def test_window_mask_reproduces_the_window_cache():
     with torch.no_grad():
         h = model.hidden(torch.cat([prompt, trace[:, :-1]], 1), cache=MaskedForward(toy.window_mask(windowed)))
         logp = torch.log_softmax(model.lm_head(h[:, toy.PROMPT_LEN - 1:]), -1).gather(-1, trace[..., None])[..., 0]
-        ro = Rollout(prompt, torch.full((B,), toy.PROMPT_LEN), trace, None, torch.ones_like(trace, dtype=torch.bool), None,
-                     [list(range(8, toy.TRACE_LEN - 1, 2))] * B)
+        ro = Rollout(prompt, torch.full((B,), toy.PROMPT_LEN), trace, None, torch.ones_like(trace, dtype=torch.bool),
+                     None, [list(range(8, toy.TRACE_LEN - 1, 2))] * B)
         for policy, rows in (("window", windowed), ("full", ~windowed)):
             ref = score(model, ro, CachePolicy(policy, toy.TOY_DEFAULTS["cache"]), use_checkpoint=False)
             torch.testing.assert_close(logp[rows], ref[rows], atol=1e-4, rtol=0)
     # and the window really hides the memo (thought 3) from X's predecessor (thought 16), not from thought 9
     allowed = toy.window_mask(torch.tensor([True]))[0, 0] == 0
     memo = toy.PROMPT_LEN + 3
-    assert allowed[toy.PROMPT_LEN + 9, memo] and not allowed[toy.PROMPT_LEN + 10, memo] and not allowed[toy.PROMPT_LEN + 16, memo]
+    assert (allowed[toy.PROMPT_LEN + 9, memo] and not allowed[toy.PROMPT_LEN + 10, memo]
+            and not allowed[toy.PROMPT_LEN + 16, memo])
     assert allowed[toy.PROMPT_LEN + 16, :toy.PROMPT_LEN].all()  # the prompt is pinned
 
 
@@ -136,7 +137,8 @@ def test_shipped_model_spreads_the_recall_over_the_digits_when_the_memo_is_gone(
         pol = CachePolicy(policy, toy.TOY_DEFAULTS["cache"])
         out = generate(model, prompts, pol, max_new=toy.TRACE_LEN)
         with torch.no_grad():
-            ent = score(model, out, pol, token_fn=lambda logits, _, span: -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1))
+            ent = score(model, out, pol,
+                        token_fn=lambda logits, _, span: -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1))
         entropy[policy] = ent[:, 17].mean().item()  # predicting X, thought 17
     assert entropy["full"] < 0.05 and entropy["window"] > 2.1, entropy  # ln 10 = 2.30
 
@@ -145,13 +147,14 @@ def test_shipped_model_spreads_the_recall_over_the_digits_when_the_memo_is_gone(
 def test_pte_distillation_recalls_what_the_window_forgets(tmp_path):
     """A broken encoder (or readout, or eviction hand-over) fails this: 40 distillation steps (~25 s on one core)
     take PTE from chance to > 0.5 on held-out problems, where the base model under the same window stays at ~0.1.
-    LoRA's init and one learning rate, as in the paper (the toy's GRPO defaults reach 0.30 here: their encoder is slower)."""
+    LoRA's init and one learning rate, as in the paper (the toy's GRPO defaults reach 0.30 here: their encoder is
+    slower)."""
     import train
     from encoder import load_adapter
     from eval import evaluate
-    run = train.main(["--model", "toy", "--objective", "distill", "--steps", "40", "--prompts-per-step", "256", "--group", "1",
-                      "--lr", "1e-3", "--encoder-lr", "1e-3", "--b-init", "0", "--seed", "0", "--eval-size", "0",
-                      "--threads", "1", "--out", str(tmp_path / "run")])
+    run = train.main(["--model", "toy", "--objective", "distill", "--steps", "40", "--prompts-per-step", "256",
+                      "--group", "1", "--lr", "1e-3", "--encoder-lr", "1e-3", "--b-init", "0", "--seed", "0",
+                      "--eval-size", "0", "--threads", "1", "--out", str(tmp_path / "run")])
     model, tokenizer = load("toy"), load_tokenizer("toy")
     problems = toy.make_problems(128, toy.EVAL_SEED)
     accuracy = {}
@@ -171,7 +174,8 @@ def test_memo_family_by_hand():
     # k = 2, x0 = 1 and every operand 1: x_i = 1 + i; memos at thoughts 0 and 4 hold x1 = 2 (kind a), x5 = 6 (kind b)
     prompt, trace = toy.encode_memos(torch.ones(1, 33, dtype=torch.long), 2)
     tokenizer = toy.make_tokenizer(toy.VOCAB_MEMOS)
-    assert tokenizer.decode(prompt[0].tolist(), skip_special_tokens=False) == "<bos> " + " ".join("1" * 9 + "_" * 24) + " <sep>"
+    assert tokenizer.decode(prompt[0].tolist(), skip_special_tokens=False) == (
+        "<bos> " + " ".join("1" * 9 + "_" * 24) + " <sep>")
     assert tokenizer.decode(trace[0].tolist(), skip_special_tokens=False) == "a2 3 4 5 b6 7 8 9 = a2 b6 <eos>"
     problems = toy.make_memo_problems(50, 3, seed=1)
     assert problems == toy.make_memo_problems(50, 3, seed=1)
@@ -193,7 +197,8 @@ def test_recall_score_counts_memos():
 def test_longer_memo_traces_leave_more_to_s():
     """At prompt + 8 thought slots (m = 2) the window still holds memo j when recall j is written only for short
     traces: all of k = 1, the last of k = 2, none of k = 5 or more. Memo j (0-based) sits at thought 4j; recall j
-    (thought 4k + 1 + j) is predicted by the forward of thought 4k + j, which sees thoughts from 2 x evictions so far."""
+    (thought 4k + 1 + j) is predicted by the forward of thought 4k + j, which sees thoughts from 2 x evictions so
+    far."""
     def visible(k):
         steps = eviction_steps(5 * k + 2, 8, 2, "window")
         return [4 * j >= 2 * sum(e <= 4 * k + j for e in steps) for j in range(k)]
@@ -233,7 +238,8 @@ def test_swapped_adapter_init_starts_at_the_base_model_and_trains_a_first():
     cores = adapter.initial_cores(2)
     loss = model(tokens, adapter=adapter, cores=cores).logsumexp(-1).sum()
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens, adapter=adapter, cores=cores), model(tokens))  # starts as the base model
+        # starts as the base model
+        torch.testing.assert_close(model(tokens, adapter=adapter, cores=cores), model(tokens))
     loss.backward()
     assert all(a.grad.abs().sum() > 0 for a in adapter.A.values()) and all(not b.grad.any() for b in adapter.B.values())
     groups = param_groups(adapter, 1e-3, 1e-4)

@@ -187,7 +187,8 @@ def test_sigterm_stops_a_process_cleanly(tmp_path):
     done = len((run / "metrics.jsonl").read_text().splitlines())
     assert (run / "latest").read_text() == f"step-{done:06d}"
     checkpoint = run / f"step-{done:06d}"
-    assert f"the checkpoint of step {done} is in {checkpoint}. Continue with:\n  python train.py --resume {run}\n" in err
+    assert (f"the checkpoint of step {done} is in {checkpoint}. Continue with:\n"
+            f"  python train.py --resume {run}\n") in err
 
 
 def test_a_damaged_checkpoint_is_named_and_the_one_before_used(tmp_path, capsys):
@@ -210,10 +211,11 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_used(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--grad-clip", "-1", "must be > 0"), ("--grad-clip", "0", "must be > 0"), ("--temperature", "-0.5", "must be >= 0"),
-    ("--steps", "-2", "must be >= 1"), ("--alpha", "0", "must be > 0"), ("--save-every", "-1", "must be >= 1"),
-    ("--save-every", "0", "must be >= 1"), ("--eval-every", "-1", "must be >= 0"), ("--max-new", "0", "must be >= 1"),
-    ("--micro-batch", "0", "must be >= 1"), ("--top-p", "0", "must be > 0 and <= 1"), ("--eval-size", "-1", "must be >= 0"),
+    ("--grad-clip", "-1", "must be > 0"), ("--grad-clip", "0", "must be > 0"),
+    ("--temperature", "-0.5", "must be >= 0"), ("--steps", "-2", "must be >= 1"), ("--alpha", "0", "must be > 0"),
+    ("--save-every", "-1", "must be >= 1"), ("--save-every", "0", "must be >= 1"),
+    ("--eval-every", "-1", "must be >= 0"), ("--max-new", "0", "must be >= 1"), ("--micro-batch", "0", "must be >= 1"),
+    ("--top-p", "0", "must be > 0 and <= 1"), ("--eval-size", "-1", "must be >= 0"),
     ("--threads", "-1", "must be >= 1"), ("--device", "tpu", "unknown device 'tpu'"), ("--lr", "nan", "must be > 0"),
     ("--evict", "1.5", "must be > 0 and <= 1"), ("--targets", "q,x", "comma-separated names from q,k,v,o,gate,up,down"),
     ("--model", "no-such-model", "unknown model 'no-such-model'"),
@@ -288,19 +290,21 @@ def test_torchrun_two_ranks_equal_one_process_on_the_union(tmp_path, truncate):
     and the distillation objective make the rollouts independent of the batch split and the gradient non-zero.
     --truncate sums the gradients by hand instead of through DDP's hooks."""
     args = ["train.py", "--model", "toy", "--objective", "distill", "--temperature", "0", "--steps", "1",
-            "--prompts-per-step", "4", "--group", "2", "--micro-batch", "2", "--eval-size", "0", "--threads", "1", "--lr", "1e-2",
-            *truncate]
+            "--prompts-per-step", "4", "--group", "2", "--micro-batch", "2", "--eval-size", "0", "--threads", "1",
+            "--lr", "1e-2", *truncate]
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def run(*command, out, tries=1):
         for i in range(tries):
             folder = tmp_path / f"{out}-{i}"
-            done = subprocess.run([sys.executable, *command, "--out", str(folder)], cwd=ROOT, env=env, capture_output=True, text=True)
+            done = subprocess.run([sys.executable, *command, "--out", str(folder)], cwd=ROOT, env=env,
+                                  capture_output=True, text=True)
             if done.returncode == 0:
                 return weights(folder)
         raise AssertionError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
 
-    # this test failed once in about 20 runs here, cause not captured: a failed launch gets one retry, and two show the output
+    # this test failed once in about 20 runs here, cause not captured: a failed launch gets one retry,
+    # and two show the output
     ddp = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args, out="ddp", tries=2)
     one = run(*args, out="one")
     assert any(one[k].abs().sum() > 0 for k in one if k.startswith("B."))
@@ -321,7 +325,8 @@ def resident_peak(n_bytes):
 
 def test_peak_memory_is_per_step(monkeypatch):
     """metrics.jsonl's peak is the step's, not the process's: a 256 MiB peak before the reset is not seen.
-    reset_peak_memory says whether the reset worked (found out here on our own), and a kernel that ignores it is caught."""
+    reset_peak_memory says whether the reset worked (found out here on our own), and a kernel that ignores it is
+    caught."""
     cpu, status = torch.device("cpu"), Path("/proc/self/status")
     if not Path("/proc/self/clear_refs").exists():
         assert not train.reset_peak_memory(cpu)
