@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import data
 import model as models
+import plot
 import train
 from encoder import Adapter, AdapterConfig, load_adapter, save_adapter, trainable
 from eval import evaluate, kl_start, token_kl
@@ -119,20 +120,6 @@ def distill(net, rollouts, name, policy, args, out):
     return adapter, seconds
 
 
-def svg_bars(rows, title):
-    """A horizontal bar chart as SVG text: rows of (label, value, standard error, note), the error as a whisker."""
-    top, width, height, left = max(v + e for _, v, e, _ in rows), 420, 26, 110
-    x = lambda v: left + width * v / top  # noqa: E731
-    bars = "".join(
-        f'<text x="{left - 6}" y="{40 + i * height + 14}" text-anchor="end">{label}</text>'
-        f'<rect x="{left}" y="{40 + i * height}" width="{x(v) - left:.1f}" height="{height - 8}" fill="#4a7ab5"/>'
-        f'<line x1="{x(v - e):.1f}" x2="{x(v + e):.1f}" y1="{49 + i * height}" y2="{49 + i * height}" stroke="black"/>'
-        f'<text x="{x(v + e) + 6:.1f}" y="{40 + i * height + 14}">{v:.4f} {note}</text>'
-        for i, (label, v, e, note) in enumerate(rows))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 170}" height="{50 + len(rows) * height}" '
-            f'font-family="sans-serif" font-size="12"><text x="10" y="20" font-size="13">{title}</text>{bars}</svg>\n')
-
-
 def paired(net, prompts, budget, adapters, args, out):
     """A lower-noise check beside the main measure: every row scored on the same 256-token completions, sampled once
     from the bare window. Returns {label: (token-mean KL, s.e. of its per-completion difference from the window's)}."""
@@ -217,10 +204,10 @@ def main(argv=None):
           "| s.e. of the per-completion difference from the window |\n|---|---|---|---|")
     for label, (kl, se) in same.items():
         print(f"| {label} | {kl:.4f} | {(same[ROWS[0][0]][0] - kl) / same[ROWS[0][0]][0]:+.0%} | {se:.4f} |")
-    svg = svg_bars([(label, r["kl"], r["kl_se"], f"({(window_kl - r['kl']) / window_kl:+.0%} closed)")
-                    for label, r in results],
-                   f"SmolLM2-135M, prompt + {args.slots} slots: KL(full || row) per token after the first eviction, "
-                   "with its standard error")
+    svg = plot.bar_chart([(label, r["kl"], r["kl_se"], f"({(window_kl - r['kl']) / window_kl:+.0%} closed)")
+                          for label, r in results],
+                         f"SmolLM2-135M, prompt + {args.slots} slots: KL(full || row) per token after the first "
+                         "eviction, with its standard error")
     (out / "fidelity.svg").write_text(svg)
     print(f"\ntime: {sum(times.values()):.0f} s in all ({', '.join(f'{k} {v:.0f} s' for k, v in times.items())}); "
           f"{torch.get_num_threads()} thread(s); plot {out / 'fidelity.svg'}")

@@ -1,6 +1,7 @@
-"""SVG pictures without a plotting library: a line chart (reward against step, accuracy against length or rank)
-and the teaching diagram of the fixed-size cache (prompt pinned, the ring of thought slots, each eviction of m
-tokens folded into S). Elements are plain strings; `document` wraps them; every number is rounded to 0.1 px.
+"""SVG pictures without a plotting library: a line chart (reward against step, accuracy against length or rank),
+a bar chart with error whiskers (fidelity.py's KL per row), and the teaching diagram of the fixed-size cache (prompt
+pinned, the ring of thought slots, each eviction of m tokens folded into S). Elements are plain strings; `document`
+wraps them; every number is rounded to 0.1 px.
 
     python plot.py [--out docs/pte-cache.svg] [--window 8] [--evict 0.25] [--tokens 22]   the diagram
 """
@@ -95,6 +96,24 @@ def line_chart(series, title, xlabel, ylabel, ylim=None, xlog=False, width=590, 
         ly = top + 10 + 18 * i
         out += [line(left + pw + 10, ly, left + pw + 30, ly, color, 3), text(left + pw + 36, ly + 4, label, size=11)]
     return document(width, height, out)
+
+
+def bar_chart(rows, title):
+    """rows: [(label, value, standard error, note)] -> SVG text: a horizontal bar a row, from zero, the s.e. as a
+    whisker from value - s.e. to value + s.e., then the value and the note; the largest value + s.e. spans the plot."""
+    left, span, row = 110, 420, 26
+    end = max((v + e for _, v, e, _ in rows), default=0)
+    if end <= 0:
+        raise ValueError(f"bar_chart {title!r}: no rows, or no positive value + s.e. to scale the bars to")
+    px = lambda v: left + span * v / end  # noqa: E731
+    out = [text(10, 20, title, size=13)]
+    for i, (label, v, e, note) in enumerate(rows):
+        y = 40 + i * row
+        out += [text(left - 6, y + 14, label, "end"),
+                rect(left, y, px(v) - left, row - 8, "#4a7ab5", "none", data_label=label),
+                line(px(v - e), y + 9, px(v + e), y + 9),
+                text(px(v + e) + 6, y + 14, f"{v:.4f} {note}")]
+    return document(left + span + 170, 50 + len(rows) * row, out)
 
 
 def smooth(ys, k):

@@ -1,9 +1,10 @@
-"""plot.py: the SVG it writes parses, puts the data where the axes say, and the cache diagram shows what the cache
-holds."""
+"""plot.py: the SVG it writes parses, puts the data where the axes say (bars and whiskers where the values say), and
+the cache diagram shows what the cache holds."""
 import json
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 import plot
@@ -40,6 +41,25 @@ def test_log_axis_spaces_ranks_evenly():
     svg = plot.line_chart([("r", [4, 8, 16, 32], [1, 2, 3, 4])], "t", "rank", "memos", xlog=True)
     xs = [x for x, _ in points(svg, "r")]
     assert abs((xs[1] - xs[0]) - (xs[3] - xs[2])) < 0.11 and xs[0] < xs[1] < xs[2] < xs[3]
+
+
+def test_bar_chart_scales_bars_and_whiskers():
+    rows = [("window", 0.2, 0.05, "(+0% closed)"), ("PTE", 0.1, 0.02, "(+50% closed)")]
+    root = ET.fromstring(plot.bar_chart(rows, "KL per row"))
+    bars = [e for e in root.iter(NS + "rect") if e.get("data-label")]
+    whiskers = list(root.iter(NS + "line"))
+    assert [b.get("data-label") for b in bars] == ["window", "PTE"] and len(whiskers) == 2
+    x0, scale = float(bars[0].get("x")), float(bars[0].get("width")) / 0.2  # px per unit of value
+    for bar, whisker, (_, value, se, _) in zip(bars, whiskers, rows):
+        assert float(bar.get("x")) == x0 and abs(float(bar.get("width")) - value * scale) < 0.06  # from 0, to value
+        assert abs(float(whisker.get("x1")) - (x0 + (value - se) * scale)) < 0.06  # value - s.e.
+        assert abs(float(whisker.get("x2")) - (x0 + (value + se) * scale)) < 0.06  # value + s.e.
+        y, h = float(bar.get("y")), float(bar.get("height"))
+        assert y < float(whisker.get("y1")) == float(whisker.get("y2")) < y + h  # across its own bar
+    labels = {t.text for t in root.iter(NS + "text")}
+    assert {"KL per row", "window", "PTE", "0.2000 (+0% closed)", "0.1000 (+50% closed)"} <= labels
+    with pytest.raises(ValueError, match="no rows"):
+        plot.bar_chart([], "empty")
 
 
 def test_nice_ticks():
