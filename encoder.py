@@ -19,8 +19,10 @@ B ~ N(0, b_init^2), so the first updates go to A with gradient S^T B^T g x^T: al
 speaks. Both start at the base model and both leave S without gradient at step 0. On the toy the swap took GRPO off
 chance in 80 steps where the default stalled for 160+ (README, "Why GRPO stalled"); the argument does not depend on the
 model's size, but it is unmeasured on real models, whose default therefore stays LoRA's (`--b-init` turns it on).
-`param_groups`: the thought encoder may take its own learning rate (the toy's is a tenth of the adapters': its steps
-otherwise moved S, and through it every position's output, faster than the readout learned to use it).
+`param_groups`: the thought encoder may take its own learning rate (`--encoder-lr`). Under LoRA's init its steps
+moved S, and through the readout every position's output, faster than the readout learned to use it (the toy's chain
+broke); under A = 0 only the positions where the loss speaks read S, and the toy learns best with the encoder at the
+adapters' rate (3 seeds each at 1, 0.3 and 0.1 of it: README, "Why GRPO stalled").
 Adapter parameters are kept in fp32 (AdamW steps of 1e-5 vanish in bf16) and cast to the activations' dtype.
 """
 import json
