@@ -50,7 +50,7 @@ PAPER_DEFAULTS = dict(policy="pte", cache=1024, evict=0.25, rank=32, globals=32,
                       loss="token-mean", micro_batch=8, eval_every=50, eval_size=64, save_every=25, data="math_train")
 SHAPE_KEYS = ("model", "policy", "rank", "globals", "targets")  # a checkpoint must agree on these to be resumed
 SAFE_ON_RESUME = ("steps", "save_every", "eval_every", "log_samples_every", "micro_batch", "threads", "device",
-                  "data_dir", "compile")  # how long, how often, on what: not what the run computes
+                  "data_dir", "compile", "checkpoint")  # how long, how often, on what: not what the run computes
 NOT_SETTINGS = ("resume", "out")  # where the run lives, not how it runs
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -109,6 +109,9 @@ def parser():
     a("--beta", type=number(float, 0), help="k3 KL coefficient to the base model (adapter off, same cache policy)")
     a("--loss", choices=["token-mean", "seq-mean", "constant"], help="loss aggregation (DAPO, GRPO, Dr. GRPO)")
     a("--no-std", action="store_true", help="advantages r - mean without std normalisation (Dr. GRPO)")
+    a("--checkpoint", action=argparse.BooleanOptionalAction, default=True, help="score with gradient checkpoints "
+      "(each segment and layer recomputed in backward: memory of one segment, one more forward); --no-checkpoint "
+      "keeps every activation: the same gradients, faster where memory is no object (the toy)")
     a("--truncate", action="store_true", help="truncated backprop: each segment back-propagates at once against "
       "the cache and S as constants (PAPER Q7); memory fixed by --cache instead of growing with the rollout")
     a("--data", help="training problems: comma-separated JSONL paths or names (math_train, gsm8k, dapo-math-17k, ...). "
@@ -248,7 +251,7 @@ class Objective(nn.Module):
                 teacher = score(self.model, ro, CachePolicy("full", a.cache, a.evict), None,
                                 token_fn=lambda logits, _, span: torch.log_softmax(logits.float(), -1))
             per_token = score(self.model, ro, self.policy, self.adapter, truncate=a.truncate,
-                              token_fn=lambda logits, _, span: (
+                              use_checkpoint=a.checkpoint, token_fn=lambda logits, _, span: (
                                   teacher[:, span[0]:span[1]].exp()
                                   * (teacher[:, span[0]:span[1]] - torch.log_softmax(logits.float(), -1))).sum(-1))
             loss = torch.where(ro.mask, per_token, 0).sum() / n_tokens
@@ -257,7 +260,8 @@ class Objective(nn.Module):
         if a.beta > 0:  # the base model (adapter off) under the same cache, this micro-batch only: (b, T)
             with torch.no_grad():
                 ref_logp = score(self.model, ro, self.ref_policy, None, a.temperature)
-        logp = score(self.model, ro, self.policy, self.adapter, a.temperature, truncate=a.truncate)  # (b, T)
+        logp = score(self.model, ro, self.policy, self.adapter, a.temperature, truncate=a.truncate,
+                     use_checkpoint=a.checkpoint)  # (b, T)
         old = logp.detach() if old_logp is None else old_logp
         loss, stats = grpo_loss(logp, old, adv, ro.mask, ref_logp, a.beta, how=a.loss, max_new=a.max_new, n_rows=n_rows,
                                 n_tokens=n_tokens)

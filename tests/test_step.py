@@ -78,3 +78,24 @@ def test_micro_batches_trimmed_to_their_rows_score_the_same(tiny):
         whole = score(tiny, roll, CachePolicy("pte", P + W), adapter, 1.0)[row:row + 1, :part.tokens.shape[1]]
         trimmed = score(tiny, part, CachePolicy("pte", P + W), adapter, 1.0)
     assert (whole - trimmed)[part.mask].abs().max() < 1e-5
+
+
+def test_no_checkpoint_takes_the_same_step(toy_step, monkeypatch):
+    """--no-checkpoint (the toy's default) reaches score and moves the parameters exactly as the checkpointed
+    replay does: checkpoints trade a recompute for memory, never the gradient."""
+    calls, real_score = [], train.score
+
+    def spy(*args, **kwargs):
+        if torch.is_grad_enabled():  # the policy's replay; the reference's runs under no_grad
+            calls.append(kwargs.get("use_checkpoint", True))
+        return real_score(*args, **kwargs)
+    monkeypatch.setattr(train, "score", spy)
+    _, checkpointed, _ = step(toy_step, lambda p: torch.optim.SGD(p, lr=1.0), "--checkpoint")
+    assert calls and set(calls) == {True}
+    calls.clear()
+    _, plain, _ = step(toy_step, lambda p: torch.optim.SGD(p, lr=1.0), "--no-checkpoint")
+    assert calls and set(calls) == {False}
+    assert train.parse_args(["--model", "toy"]).checkpoint is False  # toy/train_defaults.json
+    assert torch.cat([d.flatten() for d in checkpointed.values()]).abs().max() > 1e-4  # a real step
+    for name, delta in checkpointed.items():
+        torch.testing.assert_close(plain[name], delta, rtol=1e-6, atol=1e-9)
