@@ -66,8 +66,9 @@ EVAL_SEED, VALID_SEED = 1_000_003, 1_000_004  # held-out test and validation pro
 # With A = 0 and B ~ N(0, 0.03^2) (b_init) the first updates go to A, whose gradient S^T B^T g x^T reads all of S and
 # only where the reward speaks, and the encoder may learn at the adapters' rate (held-out mean of 3 seeds 0.923,
 # against 0.879 at 0.3 of it and 0.841 at a tenth). Also: B's scale alpha / r = 8, only the output projections
-# adapted (q/k updates broke the chain), beta 0.05; micro_batch 256: one backward pass a step; threads 1: tiny
-# matrices, more threads only add synchronisation (7x slower on a busy machine).
+# adapted (q/k updates broke the chain), beta 0.05; micro_batch 256: one backward pass a step; checkpoint false:
+# no memory to save, and the recompute made score and backward 1.8x slower; threads 1: tiny matrices, more threads
+# only add synchronisation (7x slower on a busy machine).
 TOY_DEFAULTS = json.loads((TOY_DIR / "train_defaults.json").read_text())
 
 
