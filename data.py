@@ -119,6 +119,14 @@ def read_problems(path) -> list[dict]:
     return problems
 
 
+def atomic_write(path: Path, save):
+    """save(a temporary path), then rename it to path: a half-written file never looks done (the temporary name is
+    the process's own: two commands may write one ledger)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save(tmp)
+    os.replace(tmp, path)
+
+
 def load_problems(name_or_path, data_dir=None, seed=0) -> list[dict]:
     """The problems of a data set: a GENERATED one made from `seed`, else read_problems(resolve_data(...))."""
     if name_or_path in GENERATED:

@@ -61,13 +61,6 @@ def parser():
     return p
 
 
-def atomic_write(path, save):
-    """save(tmp path), then rename: a half-written file never looks done."""
-    tmp = path.with_name(path.name + ".tmp")
-    save(tmp)
-    os.replace(tmp, path)
-
-
 def sample_rollouts(net, prompts, policy, args, out):
     """The training rollouts, sampled 8 at a time (saved after each batch: a restart keeps the batches done), then
     cut into pieces of --rows, one piece a step."""
@@ -78,7 +71,7 @@ def sample_rollouts(net, prompts, policy, args, out):
         ro = generate(net, prompts[i * 8:(i + 1) * 8], policy, args.max_new, temperature=1.0, generator=gen)
         saved["batches"].append(dataclasses.asdict(ro))
         saved["seconds"] += time.perf_counter() - t0
-        atomic_write(path, lambda p: torch.save(saved, p))
+        data.atomic_write(path, lambda p: torch.save(saved, p))
     batches = [Rollout(**b) for b in saved["batches"]]
     pieces = [train.take(ro, rows) for ro in batches for rows in torch.arange(len(ro.mask)).split(args.rows)]
     return pieces, saved["seconds"]
@@ -115,7 +108,7 @@ def distill(net, rollouts, name, policy, args, out):
             f.write(json.dumps(dict(step=step + 1, kl=stats["kl"], grad_norm=stats["grad_norm"])) + "\n")
         if (step + 1) % 4 == 0 or step + 1 == args.steps:
             train.save_checkpoint(run, step + 1, adapter, optimizer, settings)
-            atomic_write(run / "time.json", lambda p: p.write_text(json.dumps(dict(seconds=seconds))))
+            data.atomic_write(run / "time.json", lambda p: p.write_text(json.dumps(dict(seconds=seconds))))
     save_adapter(adapter, run / "adapter", policy=policy.policy, settings=settings)
     return adapter, seconds
 
@@ -140,7 +133,8 @@ def paired(net, prompts, budget, adapters, args, out):
         result = {label: (float(sums.sum() / counts.sum()),
                           float(((sums[keep] / n[keep] - window).std() / keep.sum() ** 0.5)))
                   for label, (sums, counts) in kls.items()}
-        atomic_write(path, lambda p: p.write_text(json.dumps(dict(result=result, seconds=time.perf_counter() - t0))))
+        record = dict(result=result, seconds=time.perf_counter() - t0)
+        data.atomic_write(path, lambda p: p.write_text(json.dumps(record)))
     saved = json.loads(path.read_text())
     return saved["result"], saved["seconds"]
 
@@ -183,7 +177,8 @@ def main(argv=None):
             per_completion = torch.tensor([r["kl"] for r in records if r["kl_tokens"]])  # the spread behind the mean
             summary.update(kl_se=(per_completion.std() / len(per_completion) ** 0.5).item(),
                            seconds=time.perf_counter() - t0)
-            atomic_write(path, lambda p: p.write_text(json.dumps(dict(summary, records=records), indent=1)))
+            data.atomic_write(path, lambda p: p.write_text(json.dumps(dict(summary, records=records),
+                                                                  indent=1)))
         results.append((label, json.loads(path.read_text())))
         times[f"eval {label}"] = results[-1][1]["seconds"]
     window_kl = results[0][1]["kl"]

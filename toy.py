@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 import grade
 from cache import MaskedForward, evict_count, eviction_steps
+from data import atomic_write
 from model import TOY_DIR, Transformer, config_from_hf, load, load_tokenizer
 from rollout import CachePolicy, generate
 
@@ -322,7 +323,7 @@ def ledger_result(ledger: Path, key, work):
         done = json.loads(ledger.read_text()) if ledger.exists() else {}
         done[key] = dict(result, seconds=round(time.perf_counter() - t0, 1))
         ledger.parent.mkdir(parents=True, exist_ok=True)
-        ledger.write_text(json.dumps(done, indent=1))
+        atomic_write(ledger, lambda p: p.write_text(json.dumps(done, indent=1)))  # two commands may share it
     return done[key]
 
 

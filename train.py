@@ -376,9 +376,7 @@ def trim_log(path: Path, last_step):
             if n < len(lines):
                 raise ValueError(f"{path}, line {n}: not a record of train.py; repair or delete it") from None
             tqdm.write(f"WARNING: {path}: dropped its torn last line ({len(line)} characters)", file=sys.stderr)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    data.atomic_write(path, lambda p: p.write_text("".join(kept), encoding="utf-8"))
 
 
 class Stop(Exception):
@@ -505,8 +503,7 @@ def train(args, stop):
             objective, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "settings.json.tmp").write_text(json.dumps(settings, indent=1))
-        os.replace(out / "settings.json.tmp", out / "settings.json")
+        data.atomic_write(out / "settings.json", lambda p: p.write_text(json.dumps(settings, indent=1)))
         aside = (f" ({set_aside} set aside: prompt leaves fewer than {MIN_THOUGHT_SLOTS} thought slots at cache "
                  f"{args.cache})" if set_aside or held_out_set_aside else "")
         print(f"{args.model}: {sum(p.numel() for p in trainable(adapter)):,} trainable parameters ({mode} adapter), "

@@ -444,3 +444,18 @@ def test_a_missing_folder_skips_saying_how_to_get_it(what, example, monkeypatch,
     monkeypatch.setenv(variable, str(tmp_path))
     with pytest.raises(pytest.fail.Exception, match=f"{variable}={tmp_path} lacks {files[0]}"):
         conftest.folder_from(variable, repo, files, how)
+
+
+def test_atomic_write_never_leaves_a_half_written_file(tmp_path):
+    """A save that dies midway leaves the old file as it was; a finished one replaces it whole."""
+    path = tmp_path / "results.json"
+    path.write_text("old")
+
+    def dies(p):
+        p.write_text("half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        data.atomic_write(path, dies)
+    assert path.read_text() == "old"
+    data.atomic_write(path, lambda p: p.write_text("new"))
+    assert path.read_text() == "new"
