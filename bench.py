@@ -133,7 +133,8 @@ def grpo_steps(s, model):
     from rollout import CachePolicy, generate
     policy, dev = s["policy"].removesuffix("-trunc"), s["device"]
     args = argparse.Namespace(**{**train.PAPER_DEFAULTS, "objective": "grpo", "epochs": 1, "top_p": 1.0,
-                                 "no_std": False, "truncate": s["policy"].endswith("-trunc"), "checkpoint": True,
+                                 "no_std": False, "kl_estimator": "k3", "truncate": s["policy"].endswith("-trunc"),
+                                 "checkpoint": True,
                                  "cache": s["budget"], "max_new": s["length"], "group": s["group"],
                                  "micro_batch": s["batch"]})
     adapter = Adapter(model.config, AdapterConfig("lora" if policy != "pte" else "pte")).to(dev)

@@ -107,6 +107,8 @@ def parser():
     a("--temperature", type=number(float, 0), help="sampling temperature of the rollouts")
     a("--top-p", type=number(float, 0, 1, above=True), default=1.0, help="nucleus sampling of the rollouts")
     a("--beta", type=number(float, 0), help="k3 KL coefficient to the base model (adapter off, same cache policy)")
+    a("--kl-estimator", default="k3", choices=["k3", "k3-ratio"], help="the KL penalty's estimator: k3's gradient is "
+      "that of KL(ref || pi); k3-ratio (k3 times pi / pi_old)'s that of KL(pi || ref) (grpo.py)")
     a("--loss", choices=["token-mean", "seq-mean", "constant"], help="loss aggregation (DAPO, GRPO, Dr. GRPO)")
     a("--no-std", action="store_true", help="advantages r - mean without std normalisation (Dr. GRPO)")
     a("--checkpoint", action=argparse.BooleanOptionalAction, default=True, help="score with gradient checkpoints "
@@ -264,7 +266,7 @@ class Objective(nn.Module):
                      use_checkpoint=a.checkpoint)  # (b, T)
         old = logp.detach() if old_logp is None else old_logp
         loss, stats = grpo_loss(logp, old, adv, ro.mask, ref_logp, a.beta, how=a.loss, max_new=a.max_new, n_rows=n_rows,
-                                n_tokens=n_tokens)
+                                n_tokens=n_tokens, kl_estimator=a.kl_estimator)
         return loss, stats, logp.detach()
 
 
