@@ -393,11 +393,16 @@ def random_model(name, dtype, device, layers=None):
     from train import plan_model
     cfg, _ = plan_model(name)
     cfg.n_layers = min(layers or cfg.n_layers, cfg.n_layers)
-    with torch.device(device):
-        torch.manual_seed(0)
-        model = M.Transformer(cfg).to(dtype)
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: no fp32 copy of a 3B model on the way
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = M.Transformer(cfg)
+            for p in model.parameters():
+                torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+    finally:
+        torch.set_default_dtype(default)
     return model.eval().requires_grad_(False)
 
 
