@@ -480,6 +480,8 @@ def part_toolchain(s):
 
 
 def part_smoke(s):
+    """Greedy pte rollouts with B random, eager then compiled; three more compiled calls that must reuse the graph
+    (batch 1, other prompts and budget, window without an adapter); score and backward of the compiled rollout."""
     from torch._dynamo.utils import counters
     from encoder import Adapter, AdapterConfig
     from rollout import CachePolicy, generate, score
@@ -492,14 +494,15 @@ def part_smoke(s):
             b.normal_(0, 0.02)  # B != 0: the cores S change the tokens
     lengths = [40 + 3 * i for i in range(rows)]
     prompts = [torch.randint(3, model.config.vocab_size, (k,)).tolist() for k in lengths]
-    policy = CachePolicy("pte", max(lengths) + n // 4)  # windows of n/4 to n/4 + 3 rows: every row evicts
+    policy = CachePolicy("pte", max(lengths) + n // 4)  # windows of n/4 to n/4 + 3 (rows - 1): every row evicts
     run = lambda c, p=prompts, pol=policy, ad=adapter: generate(model, p, pol, n, ad, eos_ids=[], compile=c)  # noqa
     cuda = dev.startswith("cuda")
-    eager, eager_syncs = count_syncs(lambda: run(False), dev) if not cuda else (run(False), None)
+    eager = run(False)
     torch._dynamo.reset()
     counters.clear()
-    compiled, syncs = count_syncs(lambda: run(True), dev) if cuda else (run(True), eager_syncs)  # cpu: eager's
+    compiled = run(True)
     first = counters["stats"]["unique_graphs"]
+    _, syncs = count_syncs(lambda: run(cuda), dev)  # compiled, after its compile; the CPU counts eager's ops
     for p, pol, ad in ((prompts[:1], policy, adapter), (prompts[1:][::-1], CachePolicy("pte", policy.budget + 8),
                                                           adapter), (prompts[:3], CachePolicy("window", 64), None)):
         run(True, p, pol, ad)
@@ -567,9 +570,9 @@ def part_rollout(s):
     kv_bytes = rows * budget * 2 * cfg.n_layers * cfg.kv_dim * e  # the compiled step attends every slot
     floor = rows * copy_bandwidth(s["threads"], dev, s["bandwidth_mib"]) / (weight_bytes + kv_bytes)
     ratio = peak / plan  # checked on cuda; the CPU's resident peak holds the compiler's own memory too
-    return dict(ok=abs(ratio - 1) <= 0.25 or not cuda, peak_gib=peak / 2**30, plan_gib=plan / 2**30, weights_gib=weights / 2**30,
-                decode_tokens_per_s=decode, floor_tokens_per_s=floor, compile_s=warm.stats["first_step_s"],
-                prompts=where, prefill_rows=kw.get("prefill_rows"),
+    return dict(ok=abs(ratio - 1) <= 0.25 or not cuda, peak_gib=peak / 2**30, plan_gib=plan / 2**30,
+                weights_gib=weights / 2**30, decode_tokens_per_s=decode, floor_tokens_per_s=floor,
+                compile_s=warm.stats["first_step_s"], prompts=where, prefill_rows=kw.get("prefill_rows"),
                 summary=f"{rows} rows, prompts {min(lengths)}-{max(lengths)} tokens ({where}), prefill "
                         f"{'in chunks of ' + str(s['prefill_rows']) + ' rows' if chunked else 'of every row at once'}"
                         f": peak {peak / 2**30:.2f} GiB, plan {plan / 2**30:.2f} GiB ({ratio:.2f}x); decode "

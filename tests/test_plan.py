@@ -3,7 +3,6 @@ real toy model, the way each flag moves them, and a run refused before it loads 
 (The plan against measured peaks is bench.py's: a benchmark, not a test.)"""
 import re
 import pytest
-import torch
 
 import model as M
 import train
