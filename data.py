@@ -12,11 +12,12 @@ Departures: hub copies of the sets in ../shared/data come from other mirrors (KN
 aime_train from the hub (AIME 1983-2024) loses its 2024 rows, which are the aime24 eval set.
 """
 import csv
-import importlib
 import importlib.util
 import json
 import os
 from pathlib import Path
+
+import torch
 
 SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 TEMPLATES = {  # family -> its chat template rendered for one user message `{}` with add_generation_prompt=True
@@ -44,8 +45,6 @@ KNOWN = {  # name -> (Hugging Face dataset repo, its files that together make th
     "aime_train": ("di-zhang-fdu/AIME_1983_2024", ("AIME_Dataset_1983_2024.csv",)),
     "dapo-math-17k": ("BytedTsinghua-SIA/DAPO-Math-17k", ("data/dapo-math-17k.parquet",)),
 }
-GENERATED = {  # name -> (module, its function(seed) -> problems): data sets made in memory from the run's seed
-    "toy-train": ("toy", "training_problems"), "toy-eval": ("toy", "held_out_problems")}
 DAPO_WRAP = (  # DAPO wraps each problem in its own 'Answer:' instruction; we use the \boxed{} one instead
     "Solve the following math problem step by step. The last line of your response should be of the form "
     "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n",
@@ -130,8 +129,7 @@ def atomic_write(path: Path, save):
 def load_problems(name_or_path, data_dir=None, seed=0) -> list[dict]:
     """The problems of a data set: a GENERATED one made from `seed`, else read_problems(resolve_data(...))."""
     if name_or_path in GENERATED:
-        module, function = GENERATED[name_or_path]
-        return getattr(importlib.import_module(module), function)(seed)
+        return GENERATED[name_or_path](seed)
     return read_problems(resolve_data(name_or_path, data_dir))
 
 
@@ -255,3 +253,61 @@ def format_prompt(problem: str, family: str | None) -> str:
     if family not in TEMPLATES:
         raise ValueError(f"unknown chat family {family!r}; known: {', '.join(TEMPLATES)} or None")
     return TEMPLATES[family].format(problem + SUFFIX)
+
+
+# ---------------------------------------------------------------------------------------------------- the toy task
+# A synthetic reasoning task whose answer exists only in the model's own earlier thoughts (the shipped toy/ model is
+# trained on it: experiments/toy.py). Prompt, pinned in the cache: `<bos> x0 o1 ... o16 <sep>` (19 tokens). Thought:
+# the chain x_i = (x_{i-1} + o_i) mod 10 for i = 1..16 with x4 written as its memo token `m<x4>`, then
+# `= X \boxed{ Y } <eos>`: X = x4 recalled, Y = (X + x16) mod 10 the graded answer. Every trace is 22 tokens. Once the
+# memo has left a window of 8 thought slots, Y is a guess unless the model carried the memo in S. The memo is a token
+# of its own because the encoder pools evicted keys without their positions: what must be remembered has to be
+# recognisable by its content.
+
+N_OPS, MEMO_AT = 16, 4  # chain length; the step whose digit is written as a memo token and recalled at the end
+SPECIALS = ["<pad>", "<bos>", "<sep>", "<eos>"]  # dropped by decode(skip_special_tokens=True)
+VOCAB = SPECIALS + ["=", "\\boxed{", "}"] + [str(d) for d in range(10)] + [f"m{d}" for d in range(10)]
+ID = {tok: i for i, tok in enumerate(VOCAB)}
+DIGIT, MEMO = ID["0"], ID["m0"]  # digit d is token DIGIT + d, its memo MEMO + d
+PROMPT_LEN, TRACE_LEN = N_OPS + 3, N_OPS + 6  # 19, 22
+EVAL_SEED, VALID_SEED = 1_000_003, 1_000_004  # held-out test and validation problems; training draws from --seed
+
+
+def draw_digits(n, generator, n_ops=N_OPS):
+    """(n, n_ops + 1) uniform digits: x0, then the operands o1..o_n."""
+    return torch.randint(0, 10, (n, n_ops + 1), generator=generator)
+
+
+def encode(digits):
+    """digits (n, 17) -> prompt ids (n, 19) and the full-cache trace ids (n, 22)."""
+    n, x = len(digits), digits.cumsum(1) % 10  # x0..x16 (n, 17)
+    tok = lambda name: torch.full((n, 1), ID[name])
+    steps = DIGIT + x[:, 1:]  # (n, 16) x1..x16
+    steps[:, MEMO_AT - 1] = MEMO + x[:, MEMO_AT]  # x4 as its memo token
+    recall = x[:, MEMO_AT:MEMO_AT + 1]  # (n, 1)
+    answer = (recall + x[:, -1:]) % 10  # (n, 1)
+    prompt = torch.cat([tok("<bos>"), DIGIT + digits, tok("<sep>")], 1)
+    trace = torch.cat([steps, tok("="), DIGIT + recall, tok("\\boxed{"), DIGIT + answer, tok("}"), tok("<eos>")], 1)
+    return prompt, trace
+
+
+def make_problems(n, seed):
+    """n problems {"id", "problem", "answer"} (answer: Y as a string), deterministic in the seed."""
+    prompt, trace = encode(draw_digits(n, torch.Generator().manual_seed(seed)))
+    return [dict(id=f"toy-{seed}-{i}", problem=" ".join(VOCAB[t] for t in p), answer=VOCAB[t[-3]])
+            for i, (p, t) in enumerate(zip(prompt.tolist(), trace.tolist()))]
+
+
+def training_problems(seed):
+    """The data set toy-train (data.GENERATED): 20,000 problems drawn from the run's seed, a pool that does not
+    depend on --steps."""
+    return make_problems(20_000, seed)
+
+
+def held_out_problems(seed=None):
+    """The data set toy-eval: 4,096 problems from EVAL_SEED whatever the run's seed; the first n of them are
+    make_problems(n, EVAL_SEED)."""
+    return make_problems(4096, EVAL_SEED)
+
+
+GENERATED = {"toy-train": training_problems, "toy-eval": held_out_problems}  # made in memory from the run's seed

@@ -274,9 +274,8 @@ def test_non_utf8_names_file_and_line(tmp_path):
 # --- load_problems and encode_prompts: the data path of train.py and eval.py -----------------------------------------
 
 def test_generated_sets_are_the_toys_problems():
-    import toy
-    assert data.load_problems("toy-eval", seed=5)[:7] == toy.make_problems(7, toy.EVAL_SEED)  # any seed: one test set
-    assert data.load_problems("toy-train", seed=5) == toy.make_problems(20_000, 5)
+    assert data.load_problems("toy-eval", seed=5)[:7] == data.make_problems(7, data.EVAL_SEED)  # any seed: one test set
+    assert data.load_problems("toy-train", seed=5) == data.make_problems(20_000, 5)
 
 
 def test_prompts_that_leave_too_few_thought_slots_are_set_aside():
@@ -285,7 +284,7 @@ def test_prompts_that_leave_too_few_thought_slots_are_set_aside():
     import toy
     from cache import MIN_THOUGHT_SLOTS
     tokenizer = toy.make_tokenizer()
-    base = toy.make_problems(3, 0)
+    base = data.make_problems(3, 0)
     problems = [base[0], dict(base[1], problem=base[1]["problem"].replace("<sep>", "1 <sep>")), base[2],
                 dict(base[0], id="x", problem=base[0]["problem"].replace("<sep>", "1 2 <sep>"))]
     kept, ids, set_aside = data.encode_prompts(problems, tokenizer, None, budget=23)

@@ -9,7 +9,8 @@ from encoder import Adapter, AdapterConfig, trainable
 from model import load
 from rollout import CachePolicy, generate, score
 from test_rollout import P, W, early_stopping_eos, make_adapter, run, tiny  # noqa: F401 (tiny: a fixture)
-from toy import make_problems, make_tokenizer
+from data import make_problems
+from toy import make_tokenizer
 
 
 @pytest.fixture(scope="module")

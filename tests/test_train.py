@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import toy
+import data
 import train
 from conftest import ROOT
 
@@ -245,9 +245,9 @@ def test_bad_input_is_refused(tmp_path, capsys):
 def test_prompts_that_leave_too_few_thought_slots_are_set_aside_and_counted(tmp_path, capsys):
     """At --cache 24 a 19-token toy prompt leaves 5 thought slots and a 21-token one 3 (< 4): the 3 long problems
     are set aside when the data is loaded, counted in the first log line and in settings.json, never trained on."""
-    short = [dict(id=f"s{i}", problem=p["problem"], answer=p["answer"]) for i, p in enumerate(toy.make_problems(8, 1))]
+    short = [dict(id=f"s{i}", problem=p["problem"], answer=p["answer"]) for i, p in enumerate(data.make_problems(8, 1))]
     long = [dict(id=f"l{i}", problem=p["problem"].replace("<sep>", "0 0 <sep>"), answer=p["answer"])
-            for i, p in enumerate(toy.make_problems(3, 2))]
+            for i, p in enumerate(data.make_problems(3, 2))]
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in short + long))
     run = train.main(FAST + ["--data", str(path), "--cache", "24", "--steps", "1", "--log-samples-every", "1",
@@ -280,7 +280,7 @@ def test_a_model_folder_brings_its_training_defaults(tmp_path):
     paper = train.parse_args(["--model", str(folder)])
     assert {k: getattr(paper, k) for k in train.PAPER_DEFAULTS} == train.PAPER_DEFAULTS
     train_set, held_out = train.load_problems(train.parse_args(["--model", "toy", "--seed", "3"]))
-    assert train_set == toy.make_problems(20_000, 3) and held_out == toy.make_problems(256, toy.EVAL_SEED)
+    assert train_set == data.make_problems(20_000, 3) and held_out == data.make_problems(256, data.EVAL_SEED)
 
 
 @pytest.mark.slow
