@@ -108,7 +108,7 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     assert saved["grader_version"] == ev.grade.GRADER_VERSION and saved["chat_family"] == "qwen2.5"
     assert saved["args"]["seed"] == 3 and saved["args"]["max_new"] == 12 and saved["args"]["temperature"] == 1.0
     assert saved["results"] == json.loads(json.dumps(results["results"])) and saved["wall_s"] > 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json", "samples.jsonl"]  # no .part left
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "results.json", "samples.jsonl"]  # no .part
     full, window = saved["results"]
     assert (full["policy"], window["policy"], window["budget"], window["evict"]) == ("full", "window", tiny[2] + 8, 0.5)
     samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
@@ -145,11 +145,14 @@ def test_errors(tiny, tmp_path, capsys):
     assert "eval.py: error: cache policy 'lru'" in errors(tiny, tmp_path, capsys, "--policy", "full,lru")
     assert "every prompt leaves fewer than 4 thought slots at --cache 20" in errors(
         tiny, tmp_path, capsys, "--policy", "window", "--cache", "20")
-    assert "--policy pte needs --adapter" in errors(tiny, tmp_path, capsys, "--policy", "pte")
+    fits = ("--cache", str(tiny[2] + 8))  # the default 1024 is beyond the tiny model's 512 positions
+    assert "--cache 1024: more than the model's 512 positions" in errors(tiny, tmp_path, capsys, "--policy", "window")
+    assert "--policy pte needs --adapter" in errors(tiny, tmp_path, capsys, "--policy", "pte", *fits)
     encoder.save_adapter(encoder.Adapter(ev.models.load(folder).config, encoder.AdapterConfig(mode="lora", rank=2)),
                          tmp_path / "lora")
     assert "records no policy" in errors(tiny, tmp_path, capsys, "--adapter", str(tmp_path / "lora"))
-    assert "got mode lora" in errors(tiny, tmp_path, capsys, "--adapter", str(tmp_path / "lora"), "--policy", "pte")
+    assert "got mode lora" in errors(tiny, tmp_path, capsys, "--adapter", str(tmp_path / "lora"), "--policy", "pte",
+                                     *fits)
 
 
 def test_prompts_that_leave_too_few_thought_slots_are_skipped_and_counted(tiny, tmp_path, capsys):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import toy
 import train
 from conftest import ROOT
@@ -92,17 +93,26 @@ def test_resume_refuses_a_checkpoint_of_another_adapter_shape(tmp_path):
     (run / "settings.json").write_text(json.dumps(dict(settings, rank=8)))  # settings.json and checkpoint disagree
     with pytest.raises(ValueError, match="rank: checkpoint 16, now 8"):
         train.main(["--resume", str(run), "--steps", "2"])
-    (run / "latest").unlink()
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train.main(["--resume", str(run), "--steps", "2"])
 
 
-def test_out_never_overwrites_a_run(tmp_path, capsys):
+def test_out_is_new_or_empty(tmp_path, monkeypatch):
+    """--out holding a run, or anything else (an exported adapter/), or naming a file, is refused before any work
+    and left as it was; an empty folder is fine."""
     run = train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "run")])
     metrics = (run / "metrics.jsonl").read_bytes()
-    message = refused(capsys, FAST + ["--out", str(run)])
-    assert f"holds a run already: continue it with --resume {run}, or name another --out" in message
+    with pytest.raises(ValueError, match=re.escape(f"holds a run already: continue it with --resume {run}, or name "
+                                                   "another --out")):
+        train.main(FAST + ["--out", str(run)])
     assert (run / "metrics.jsonl").read_bytes() == metrics and (run / "latest").read_text() == "step-000001"
+    monkeypatch.setattr(train, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    shutil.copytree(run / "adapter", tmp_path / "export" / "adapter")
+    with pytest.raises(ValueError, match="export is not empty .adapter. and holds no run of train.py: name a new"):
+        train.main(FAST + ["--out", str(tmp_path / "export")])
+    assert data.contents(tmp_path / "export") == ["adapter"] and not (tmp_path / "export" / ".lock").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="file: not a folder"):
+        train.main(FAST + ["--out", str(tmp_path / "file")])
+    monkeypatch.undo()
     (tmp_path / "empty").mkdir()
     assert train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "empty")]) == tmp_path / "empty"  # empty: fine
 
@@ -268,7 +278,7 @@ def test_train_does_not_know_the_toy():
     assert "toy" not in re.findall(r"^(?:from|import) (\w+)", (ROOT / "train.py").read_text(), re.M)
 
 
-def test_a_model_folder_brings_its_training_defaults(tmp_path):
+def test_a_model_folder_brings_its_training_defaults(tmp_path, capsys):
     defaults = json.loads((ROOT / "toy" / "train_defaults.json").read_text())
     args = train.parse_args(["--model", "toy"])
     assert {k: getattr(args, k) for k in defaults} == defaults
@@ -276,7 +286,10 @@ def test_a_model_folder_brings_its_training_defaults(tmp_path):
     folder = Path(shutil.copytree(ROOT / "toy", tmp_path / "mine"))
     (folder / "train_defaults.json").write_text(json.dumps(dict(defaults, rank=4)))
     assert train.parse_args(["--model", str(folder)]).rank == 4
-    (folder / "train_defaults.json").unlink()  # no file: the paper's defaults
+    (folder / "train_defaults.json").unlink()  # no file: the paper's defaults, whose cache the toy's 64 positions refuse
+    assert "--cache 1024: more than the model's 64 positions" in refused(capsys, ["--model", str(folder)])
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=4096)))
     paper = train.parse_args(["--model", str(folder)])
     assert {k: getattr(paper, k) for k in train.PAPER_DEFAULTS} == train.PAPER_DEFAULTS
     train_set, held_out = train.load_problems(train.parse_args(["--model", "toy", "--seed", "3"]))
