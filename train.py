@@ -393,9 +393,7 @@ def load_checkpoint(run: Path, settings, model_cfg, device):
         return 0, None, None
     latest = (run / "latest").read_text(errors="replace").strip() if (run / "latest").is_file() else None
     if errors or latest != ckpt.name:
-        why = errors[0] if errors else (f"{run / 'latest'} is missing" if latest is None else
-                                        f"{run / latest} is missing" if latest.startswith("step-") and
-                                        not (run / latest).is_dir() else f"{run / 'latest'} names {latest!r}")
+        why = errors[0] if errors else f"{run / 'latest'} {'is missing' if latest is None else f'names {latest!r}'}"
         tqdm.write(f"WARNING: {why}. Resuming from {ckpt.name}, the newest intact checkpoint.", file=sys.stderr)
     diff = [f"{k}: checkpoint {state['settings'].get(k)!r}, now {settings[k]!r}" for k in SHAPE_KEYS
             if state["settings"].get(k) != settings[k]]
@@ -622,7 +620,9 @@ def set_up(args, problems, stop):
         settings["resumed"][-1]["at_step"] = run.start
         if run.start == 0 and rank == 0:
             tqdm.write(f"{run.out}: no checkpoint yet: starting from step 0 with its settings", file=sys.stderr)
-    if rank == 0:  # drop what was logged after the checkpoint: those steps run again
+    if rank == 0:  # drop what was logged after the checkpoint (those steps run again), name it in `latest`
+        if run.start:
+            data.atomic_write(run.out / "latest", lambda p: p.write_text(f"step-{run.start:06d}"))
         records = trim_log(run.out / "metrics.jsonl", run.start)
         trim_log(run.out / "samples.jsonl", run.start)
         data.atomic_write(run.out / "settings.json", lambda p: p.write_text(json.dumps(settings, indent=1)))
@@ -721,7 +721,7 @@ def update_step(run, batch):
     run.bad_steps = run.bad_steps + 1 if stats["skipped"] else 0
     if stats["skipped"] and run.rank == 0:
         tqdm.write(f"WARNING step {run.done + 1}: the loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) "
-                   f"is not finite: the update is skipped ({run.bad_steps} in a row)")
+                   f"is not finite: the update is skipped ({run.bad_steps} in a row)", file=sys.stderr)
     return stats
 
 
@@ -932,11 +932,13 @@ def main(argv=None):
     with data.stop_on_signals() as stop, ExitStack() as held:
         try:
             args = parse_args(argv)
-            problems = load_data(args, world)
-            if rank == 0:
+            early = rank == 0 and Path(args.resume or args.out).exists()  # its holder can be refused now
+            if early:
                 held.enter_context(claim(args))
-                if args.resume:
-                    args = parse_args(argv)  # again under the lock: a run that has just ended may have moved on
+                args = parse_args(argv) if args.resume else args  # under the lock: a run just ended may have moved on
+            problems = load_data(args, world)
+            if rank == 0 and not early:  # a new folder is made only once the data passed its checks
+                held.enter_context(claim(args))
             return train(args, problems, stop)
         except Stop as e:
             stop.update(at_once=False, committed=True)  # a second signal must not tear the checkpoint

@@ -212,7 +212,7 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_used(tmp_path, capsys)
     assert logged_steps(run) == [1, 2, 3]
     (run / "latest").write_text("step-000009")  # names a step that is not there
     train.main(["--resume", str(run), "--steps", "4"])
-    assert f"{run / 'step-000009'} is missing" in capsys.readouterr().err
+    assert f"{run / 'latest'} names 'step-000009'. Resuming from step-000003" in capsys.readouterr().err
     for step in (3, 4):  # keep=2: both checkpoints damaged
         adapter = run / f"step-{step:06d}" / "adapter.safetensors"
         adapter.write_bytes(adapter.read_bytes()[:50])
