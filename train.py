@@ -443,12 +443,13 @@ def roll_out(model, prompts, policy, args, adapter, generator, pad_id):
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     chunks = [order[i:i + args.rollout_batch] for i in range(0, len(order), args.rollout_batch)]
     parts = [generate(model, [prompts[i] for i in rows], policy, args.max_new, adapter, **kw) for rows in chunks]
-    return merge(parts, order, pad_id)
+    return merge(parts, order, pad_id, policy.schedule([len(p) for p in prompts], args.max_new))
 
 
-def merge(parts, order, pad_id):
+def merge(parts, order, pad_id, schedule):
     """Rollouts of the rows `order`, chunk after chunk -> one Rollout in the original row order: prompts left-padded
-    and completions right-padded to the longest (a row's values are its own: padding changes none of them)."""
+    and completions right-padded to the longest (a row's values are its own: padding changes none of them). Each
+    row's evictions run on to the longest, as in one call, where every row's ring turns until the last row stops."""
     P, T = max(r.prompts.shape[1] for r in parts), max(r.tokens.shape[1] for r in parts)
     back = torch.argsort(torch.tensor(order)).to(parts[0].tokens.device)
 
@@ -459,16 +460,16 @@ def merge(parts, order, pad_id):
     mean = lambda key: (sum(n * r.stats[key] for n, r in zip(rows, parts) if r.stats[key] is not None)  # noqa: E731
                         / max(sum(n for n, r in zip(rows, parts) if r.stats[key] is not None), 1))
     seconds, tokens = sum(r.stats["seconds"] for r in parts), sum(r.stats["tokens"] for r in parts)
+    evictions = [schedule.steps(i, T - 1) for i in range(len(back))]
     stats = dict(parts[0].stats, seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds,
-                 steps=max(r.stats["steps"] for r in parts), evictions=mean("evictions"),
+                 steps=max(r.stats["steps"] for r in parts), evictions=sum(map(len, evictions)) / len(evictions),
                  s_update_ratio=(mean("s_update_ratio") if any(r.stats["s_update_ratio"] is not None for r in parts)
                                  else None),
                  cache_slots=max(r.stats["cache_slots"] for r in parts),
                  windows=[[w for r in parts for w in r.stats["windows"]][i] for i in back.tolist()], chunks=len(parts))
-    evictions = [e for r in parts for e in r.evictions]
     return Rollout(cat("prompts", P, pad_id, left=True), torch.cat([r.prompt_lens for r in parts])[back],
                    cat("tokens", T, pad_id), cat("logprobs", T, 0.0), cat("mask", T, False),
-                   torch.cat([r.truncated for r in parts])[back], [evictions[i] for i in back.tolist()], stats)
+                   torch.cat([r.truncated for r in parts])[back], evictions, stats)
 
 
 def take(ro: Rollout, rows):

@@ -370,3 +370,42 @@ def test_peak_memory_is_per_step(monkeypatch):
     after = train.peak_memory_gb(cpu)
     assert during - before > 0.2
     assert after < during - 0.2
+
+
+def test_rollouts_in_chunks_train_alike(tmp_path):
+    """--rollout-batch 3 against one generate call a step: 4 problems of prompts of 19 and 21 tokens, 4 greedy rollouts
+    each, in 6 chunks sorted by prompt length: the same metrics (the chunk count and timings aside, and the fold ratio,
+    a mean over eviction events that chunks group otherwise) and the same update."""
+    problems = [dict(p, problem=p["problem"].replace("<sep>", "0 0 <sep>") if i % 2 else p["problem"])
+                for i, p in enumerate(toy.make_problems(4, 1))]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    common = FAST + ["--data", str(path), "--temperature", "0", "--save-every", "1"]
+    one = train.main(common + ["--out", str(tmp_path / "one")])
+    chunked = train.main(common + ["--rollout-batch", "3", "--out", str(tmp_path / "chunked")])
+    skip = ("tokens_per_s", "peak_memory_gb", "step_seconds", "wall_seconds", "rollout_chunks", "s_update_ratio")
+    records = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+               for run in (one, chunked)}
+    assert [[r["rollout_chunks"] for r in records[run]] for run in (one, chunked)] == [[1, 1], [6, 6]]
+    for a, b in zip(records[one], records[chunked]):
+        assert ({k: pytest.approx(v, rel=1e-5) if isinstance(v, float) else v for k, v in a.items() if k not in skip}
+                == {k: v for k, v in b.items() if k not in skip})
+    assert records[one][0]["evictions"] > 0 and records[one][0]["window_min"] == 27 - 21
+    a, b = weights(one), weights(chunked)
+    assert any(a[k].abs().sum() > 0 for k in a if k.startswith("B."))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_reward_curve(tmp_path):
+    """train.reward_curve's SVG: the per-step line at the top (reward 1) and the bottom (0) of the plot, the 10-step
+    mean of 0, 1, 0, 1 halfway at step 4, the steps spread over the width."""
+    import xml.etree.ElementTree as ET
+    records = [dict(step=i + 1, reward=r) for i, r in enumerate([0, 1, 0, 1])] + [dict(step=4, held_out_accuracy=0.5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    root = ET.fromstring(train.reward_curve(tmp_path).read_text())
+    lines = {e.get("data-label"): [tuple(map(float, p.split(","))) for p in e.get("points").split()]
+             for e in root.iter("{http://www.w3.org/2000/svg}polyline")}
+    top, bottom = 30, 300 - 40
+    assert lines["per step"] == [(50, bottom), (226.7, top), (403.3, bottom), (580, top)]  # 530 px wide, a third a step
+    assert lines["10-step mean"][3][1] == (top + bottom) / 2 and lines["10-step mean"][0][1] == bottom
