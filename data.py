@@ -383,6 +383,21 @@ def only_writer(folder: Path, flag="--out"):
         os.close(fd)  # releases the lock
 
 
+@contextmanager
+def quiet_exit():
+    """Around a command line's main: outside stop_on_signals (which installs its own handlers within) SIGINT and
+    SIGTERM do nothing, and on the way out they are ignored by the OS: the interpreter's teardown resets a Python
+    handler to the default, under which a second Ctrl-C would kill the exit (-2). An ignored signal stays ignored."""
+    watched = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN]
+    for sig in watched:
+        signal.signal(sig, lambda *_: None)
+    try:
+        yield
+    finally:
+        for sig in watched:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 class Stop(Exception):
     """SIGINT or SIGTERM (args[0]: its number) stopped the work in progress."""
 

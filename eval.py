@@ -292,7 +292,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
+    with data.quiet_exit():
         main()
-    except KeyboardInterrupt:  # a Ctrl-C outside the handlers (at start-up, or a second one on the way out)
-        sys.exit(130)

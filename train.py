@@ -948,9 +948,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"train.py: error: {e}")
-    except KeyboardInterrupt:  # a Ctrl-C outside the handlers (a second one on the way out)
-        sys.exit(130)
+    with data.quiet_exit():
+        try:
+            main()
+        except (ValueError, OSError) as e:
+            sys.exit(f"train.py: error: {e}")

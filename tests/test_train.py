@@ -192,6 +192,9 @@ def test_sigterm_stops_a_process_cleanly(tmp_path):
     while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()) and time.time() < deadline:
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # a late second signal, on the way out, is no traceback either
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 143 and "Traceback" not in err, err[-2000:]
     done = len((run / "metrics.jsonl").read_text().splitlines())
@@ -229,6 +232,18 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_used(tmp_path, capsys)
     ("--threads", "-1", "must be >= 1"), ("--device", "tpu", "unknown device 'tpu'"), ("--lr", "nan", "must be > 0"),
     ("--evict", "1.5", "must be > 0 and <= 1"), ("--targets", "q,x", "comma-separated names from q,k,v,o,gate,up,down"),
     ("--model", "no-such-model", "unknown model 'no-such-model'"),
+    # no infinity either: it would train NaN weights and save them
+    ("--lr", "inf", "must be > 0, got inf"), ("--encoder-lr", "inf", "must be > 0, got inf"),
+    ("--alpha", "inf", "must be > 0, got inf"), ("--b-init", "inf", "must be >= 0, got inf"),
+    ("--beta", "inf", "must be >= 0, got inf"), ("--beta", "nan", "must be >= 0, got nan"),
+    # sane upper bounds: 1e9 is refused at once, not after minutes of allocation
+    ("--cache", "1000000000", "--cache 1000000000: more than the model's 64 positions"),
+    ("--max-new", "1000000000", "--max-new 1000000000: more than the model's 64 positions"),
+    ("--globals", "1000000000", "--globals 1000000000: more than the model's 64 positions"),
+    ("--rank", "1000000000", "--rank 1000000000: more than the model's width 64"),
+    ("--group", "1000000000", "must be >= 1 and <= 1024"), ("--prompts-per-step", "1e9", "invalid int value: '1e9'"),
+    ("--threads", str(os.cpu_count() + 1), f"must be >= 1 and <= {os.cpu_count()}"),
+    ("--seed", "-1", "must be >= 0"), ("--seed", str(2**32), "must be >= 0 and <= 4294967295"),
 ])
 def test_flags_are_checked_before_any_model_loads(flag, value, message, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(train, "load", lambda *a, **k: pytest.fail("the model was loaded"))
