@@ -157,7 +157,7 @@ def _encode(tokenizer, text, ident):
 
 def encode_prompts(problems, tokenizer, family, budget=None):
     """(the problems whose prompt fits, their prompt ids, how many were set aside). A row's thought window is what the
-    cache budget leaves after its own prompt (docs/method.md §2); a prompt that leaves fewer than cache.MIN_THOUGHT_SLOTS
+    cache budget leaves after its own prompt (docs/method.md §2); a prompt that leaves fewer than MIN_THOUGHT_SLOTS
     is set aside here, when the data is loaded, so that no step or batch can fail on it. budget None (the full
     cache): every prompt fits."""
     from cache import MIN_THOUGHT_SLOTS

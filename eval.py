@@ -71,7 +71,7 @@ def token_kl(model, ro, policy, adapter=None, use_checkpoint=False, truncate=Fal
     """(B, T): per token of the rollout, KL(full-cache base model || the policy with its adapter) between their
     next-token distributions at temperature 1; differentiable in the adapter where autograd is on (train.py's
     distillation objective, docs/method.md §8). The teacher's hidden states (B, T, d) are kept, never its (B, T, V)
-    logits: its log-softmax is recomputed inside the policy's token function, rollout.LOGIT_CHUNK positions at a time."""
+    logits: its log-softmax is recomputed inside the policy's token function, rollout.LOGIT_CHUNK positions a time."""
     with torch.no_grad():
         hidden = rollout.score(_NoHead(model), ro, rollout.CachePolicy("full", policy.budget, policy.evict),
                                use_checkpoint=False, token_fn=lambda h, _, span: h)  # (B, T, d)

@@ -123,7 +123,7 @@ def parser():
       "(each segment and layer recomputed in backward: memory of one segment, one more forward); --no-checkpoint "
       "keeps every activation: the same gradients, faster where memory is no object (the toy)")
     a("--truncate", action="store_true", help="truncated backprop: each segment back-propagates at once against "
-      "the cache and S as constants (docs/method.md §6.4); memory fixed by --cache instead of growing with the rollout")
+      "the cache and S as constants (docs/method.md §6.4); memory fixed by --cache, not growing with the rollout")
     a("--data", help="training problems: comma-separated JSONL paths or names (math_train, gsm8k, dapo-math-17k, ...). "
       "The paper trained on DAPO-Math-17K (--data dapo-math-17k, fetched once from the Hugging Face hub); our default, "
       "math_train (MATH's training problems), also works offline from a local file")

@@ -54,15 +54,16 @@ def test_sigint_to_the_agent_stops_the_ranks_inside_a_step(tmp_path, problems):
     stops at once, the ranks agree to drop the step, rank 0 writes the checkpoint of step 1 and the resume command
     (had they run on, the agent would have killed them 30 s later, with nothing written)."""
     run = tmp_path / "run"
-    agent = subprocess.Popen([*TORCHRUN, "tests/torchrun_slow.py", *TINY, *problems, "--steps", "3", "--save-every", "10",
-                              "--eval-size", "0", "--out", str(run)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    agent = subprocess.Popen([*TORCHRUN, "tests/torchrun_slow.py", *TINY, *problems, "--steps", "3",
+                              "--save-every", "10", "--eval-size", "0", "--out", str(run)], cwd=ROOT, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()) and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(1)  # into step 2's rollout
     agent.send_signal(signal.SIGINT)
     out = agent.communicate(timeout=120)[0]
-    assert f"SIGINT: stopped; the checkpoint of step 1 is in {run / 'step-000001'}. Continue with:\n" in out, out[-3000:]
+    stopped = f"SIGINT: stopped; the checkpoint of step 1 is in {run / 'step-000001'}. Continue with:\n"
+    assert stopped in out, out[-3000:]
     assert f"  torchrun --nproc_per_node 2 train.py --resume {run}\n" in out
     assert (run / "latest").read_text() == "step-000001" and logged_steps(run) == [1]

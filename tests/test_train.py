@@ -301,7 +301,7 @@ def test_a_model_folder_brings_its_training_defaults(tmp_path, capsys):
     folder = Path(shutil.copytree(ROOT / "toy", tmp_path / "mine"))
     (folder / "train_defaults.json").write_text(json.dumps(dict(defaults, rank=4)))
     assert train.parse_args(["--model", str(folder)]).rank == 4
-    (folder / "train_defaults.json").unlink()  # no file: the paper's defaults, whose cache the toy's 64 positions refuse
+    (folder / "train_defaults.json").unlink()  # the paper's defaults: a cache beyond the toy's positions
     assert "--cache 1024: more than the model's 64 positions" in refused(capsys, ["--model", str(folder)])
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=4096)))
