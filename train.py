@@ -306,8 +306,7 @@ def is_run(folder: Path):
 def claim(args):
     """The run folder, held by this process alone (data.only_writer); a new run's must be new or empty."""
     out = Path(args.resume or args.out)
-    held = data.contents(out)
-    if not args.resume and held and not is_run(out):
+    if not args.resume and (held := data.contents(out)) and not is_run(out):
         raise ValueError(f"--out {out} is not empty ({', '.join(held[:3])}{' ...' if len(held) > 3 else ''}) and "
                          "holds no run of train.py: name a new or empty folder")
     with data.only_writer(out, "--resume" if args.resume else "--out"):
@@ -449,22 +448,20 @@ def roll_out(model, prompts, policy, args, adapter, generator, pad_id):
 def merge(parts, order, pad_id, schedule):
     """Rollouts of the rows `order`, chunk after chunk -> one Rollout in the original row order: prompts left-padded
     and completions right-padded to the longest (a row's values are its own: padding changes none of them). Each
-    row's evictions run on to the longest, as in one call, where every row's ring turns until the last row stops."""
+    row's evictions run on to the longest, as in one call, where every row's ring turns until the last row stops.
+    The fold ratio is the chunks' mean weighted by rows (a mean over eviction events, which chunks group otherwise)."""
     P, T = max(r.prompts.shape[1] for r in parts), max(r.tokens.shape[1] for r in parts)
     back = torch.argsort(torch.tensor(order)).to(parts[0].tokens.device)
 
     def cat(field, width, fill, left=False):  # (B, width) in the original order
         pad = lambda x: (width - x.shape[1], 0) if left else (0, width - x.shape[1])  # noqa: E731
         return torch.cat([F.pad(getattr(r, field), pad(getattr(r, field)), value=fill) for r in parts])[back]
-    rows = [len(r.prompt_lens) for r in parts]
-    mean = lambda key: (sum(n * r.stats[key] for n, r in zip(rows, parts) if r.stats[key] is not None)  # noqa: E731
-                        / max(sum(n for n, r in zip(rows, parts) if r.stats[key] is not None), 1))
+    ratios = [(len(r.prompt_lens), r.stats["s_update_ratio"]) for r in parts if r.stats["s_update_ratio"] is not None]
     seconds, tokens = sum(r.stats["seconds"] for r in parts), sum(r.stats["tokens"] for r in parts)
     evictions = [schedule.steps(i, T - 1) for i in range(len(back))]
     stats = dict(parts[0].stats, seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds,
                  steps=max(r.stats["steps"] for r in parts), evictions=sum(map(len, evictions)) / len(evictions),
-                 s_update_ratio=(mean("s_update_ratio") if any(r.stats["s_update_ratio"] is not None for r in parts)
-                                 else None),
+                 s_update_ratio=sum(n * x for n, x in ratios) / sum(n for n, _ in ratios) if ratios else None,
                  cache_slots=max(r.stats["cache_slots"] for r in parts),
                  windows=[[w for r in parts for w in r.stats["windows"]][i] for i in back.tolist()], chunks=len(parts))
     return Rollout(cat("prompts", P, pad_id, left=True), torch.cat([r.prompt_lens for r in parts])[back],
@@ -611,9 +608,7 @@ def set_up(args, problems, stop):
                     **{k: v for k, v in vars(args).items() if k not in (*SHAPE_KEYS, *NOT_SETTINGS)})
     run = Run(args, problems, Path(args.resume or args.out), settings, device, world, rank, stop,
               cache_policy=cache_policy)
-    model_cfg = read_config(resolve(args.model))
-    run.start, adapter, opt_state = load_checkpoint(run.out, settings, model_cfg, "cpu") if args.resume else (0, None,
-                                                                                                             None)
+    run.start, adapter, opt_state = load_checkpoint(run.out, settings, read_config(resolve(args.model)), "cpu")
     if args.steps < run.start:
         raise ValueError(f"--resume {run.out} --steps {args.steps}: the run has completed {run.start} steps already")
     run.done, records = run.start, []
@@ -746,7 +741,8 @@ def log_step(run, step, batch, stats, t0, per_step_peak):
     append(run.out / "metrics.jsonl", [metrics])
     if metrics["truncated"] > 0.9:
         tqdm.write(f"WARNING step {step + 1}: {metrics['truncated']:.0%} of the rollouts hit --max-new {a.max_new} "
-                   "without an answer: their reward is 0. Raise --max-new or check the prompt format.")
+                   "without an answer: their reward is 0. Raise --max-new or check the prompt format.",
+                   file=sys.stderr)
     if a.log_samples_every and (step + 1) % a.log_samples_every == 0:
         append(run.out / "samples.jsonl", [
             dict(step=step + 1, problem=batch.problems[i // a.group]["problem"],

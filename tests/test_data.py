@@ -282,8 +282,8 @@ def test_generated_sets_are_the_toys_problems():
 
 
 def test_prompts_that_leave_too_few_thought_slots_are_set_aside():
-    """Each prompt against the budget on its own (SPEC section 2: W_i = budget - len_i): at budget 23 the 19-token toy
-    prompts leave exactly MIN_THOUGHT_SLOTS = 4 and stay; the 20- and 21-token ones leave 3 and 2 and go."""
+    """Each prompt against the budget on its own (docs/method.md §2: W_i = budget - len_i): at budget 23 the 19-token
+    toy prompts leave exactly MIN_THOUGHT_SLOTS = 4 and stay; the 20- and 21-token ones leave 3 and 2 and go."""
     import toy
     from cache import MIN_THOUGHT_SLOTS
     tokenizer = toy.make_tokenizer()
