@@ -127,7 +127,7 @@ def test_rollouts_in_chunks_are_one_rollout(toy_step):
 
 
 def test_distillation_teacher_keeps_hidden_states_not_logits(tiny):
-    """The distillation objective's forward and backward on a 150-token rollout of a 97-token vocabulary: no
+    """The distillation objective's forward and backward on an 80-token rollout of a 97-token vocabulary: no
     tensor of shape (b, n, V) with n above rollout.LOGIT_CHUNK is ever made (the teacher's log-probs were once kept
     whole, (b, T, V) in fp32), while the teacher's hidden states (b, T, d) are."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -144,7 +144,7 @@ def test_distillation_teacher_keeps_hidden_states_not_logits(tiny):
             self.seen |= {tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
             return out
     adapter = make_adapter(tiny.config, "pte")
-    ro = run(tiny, "pte", adapter, max_new=150)
+    ro = run(tiny, "pte", adapter, max_new=80)
     (B, T), V, d = ro.tokens.shape, tiny.config.vocab_size, tiny.config.dim
     args = train.parse_args(["--model", "toy", "--objective", "distill", "--cache", str(P + W)])
     objective = train.Objective(tiny, adapter, args, CachePolicy("pte", P + W), None)
