@@ -7,9 +7,11 @@ policy (in calls of at most --rollout-batch rows), grade them, compute group adv
 Several GPUs or nodes: `torchrun --nproc_per_node N train.py ...` (DistributedDataParallel over the adapter; each rank
 rolls out its share of the prompts and evaluates its share of the held-out problems; rank 0 alone writes).
 
-The file reads top down: the settings (flags, a model folder's train_defaults.json, a resumed run's settings.json, all
-through the same checks before anything is written), the run folder (one writer, checkpoints, logs, stops), the
-algorithm (rollouts, the objective, the update), and the loop over its named steps.
+The file reads top down. The run's bookkeeping: its settings (flags, a model folder's train_defaults.json, a resumed
+run's settings.json, all through the same checks before anything is written), its data, its folder (one writer,
+checkpoints, logs) and its stops (signals, and where the ranks agree on them). Then the algorithm (rollouts in chunks,
+the objective, the update) and the loop over its named steps: set up, roll out and grade, update, log, checkpoint,
+evaluate.
 `--resume DIR` continues exactly, with the run's own settings: every step reseeds its sampler from (seed, step, rank)
 and derives its prompts from (seed, step), so no generator state has to be carried over. Ctrl-C or SIGTERM stop with
 a checkpoint of the last completed step (a step whose update has not begun is dropped; with several ranks they agree
@@ -296,7 +298,7 @@ def step_prompts(problems, step, args, rank, world):
     return picks
 
 
-# ---------------------------------------------------------------------------------------------------- the run folder
+# ------------------------------------------------------------------------------------------ the run: folder, logs, stops
 
 def is_run(folder: Path):
     return any((folder / name).exists() for name in ("settings.json", "metrics.jsonl", "latest"))
@@ -428,6 +430,51 @@ def append(path: Path, records):
             f.writelines(json.dumps({k: clean(v) for k, v in r.items()}, ensure_ascii=False) + "\n" for r in records)
     except OSError as e:
         raise OSError(f"{path}: could not write ({e.strerror})") from None
+
+
+def agree(run, *flags):
+    """Where the ranks meet inside a step: each rank's pending signal and `flags`, the max over the ranks. A signal on
+    any rank raises Stop on every rank (the step is dropped) unless the step's update has begun. Returns the flags."""
+    values = torch.tensor([run.stop["signal"] or 0, *flags], dtype=torch.float64, device=run.device)
+    if run.world > 1:
+        dist.all_reduce(values, dist.ReduceOp.MAX)
+    if values[0] and not run.stop.get("committed"):
+        raise Stop(int(values[0]))
+    return values[1:].tolist()
+
+
+def local(run, fn, *args):
+    """fn(*args): work without collectives (generation, grading), which a signal stops at once. With several ranks
+    the Stop ends fn only (None comes back): the agree after it stops every rank, one blocked in a collective too."""
+    before, run.stop["at_once"] = run.stop["at_once"], True
+    try:
+        if run.stop["signal"]:
+            raise Stop(run.stop["signal"])
+        result = fn(*args)
+        run.stop["at_once"] = before
+        return result
+    except Stop:
+        run.stop["at_once"] = before
+        if run.world == 1:
+            raise
+        return None
+
+
+def stopped(run, signum, world):
+    """After a stop: rank 0 saves the last completed step (unless its checkpoint is there) and says how to go on."""
+    name = signal.Signals(signum).name
+    if run is None:
+        print(f"\n{name}: stopped before the run began", file=sys.stderr)
+        return
+    if run.rank != 0:
+        return
+    if run.done and not (run.out / f"step-{run.done:06d}").is_dir():
+        save_checkpoint(run.out, run.done, run.adapter, run.optimizer, run.settings)
+    where = f"the checkpoint of step {run.done} is in {run.out / f'step-{run.done:06d}'}" if run.done else (
+        "before its first step")
+    launcher = "python" if world == 1 else f"torchrun --nproc_per_node {world}"
+    print(f"\n{name}: stopped; {where}. Continue with:\n  {launcher} train.py --resume {shlex.quote(str(run.out))}",
+          file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------- the algorithm
@@ -661,34 +708,6 @@ def build_learner(run, mode, adapter, opt_state):
               f"out{held_out_note}, {run.world} rank(s), run folder {run.out}")
 
 
-def agree(run, *flags):
-    """Where the ranks meet inside a step: each rank's pending signal and `flags`, the max over the ranks. A signal on
-    any rank raises Stop on every rank (the step is dropped) unless the step's update has begun. Returns the flags."""
-    values = torch.tensor([run.stop["signal"] or 0, *flags], dtype=torch.float64, device=run.device)
-    if run.world > 1:
-        dist.all_reduce(values, dist.ReduceOp.MAX)
-    if values[0] and not run.stop.get("committed"):
-        raise Stop(int(values[0]))
-    return values[1:].tolist()
-
-
-def local(run, fn, *args):
-    """fn(*args): work without collectives (generation, grading), which a signal stops at once. With several ranks
-    the Stop ends fn only (None comes back): the agree after it stops every rank, one blocked in a collective too."""
-    before, run.stop["at_once"] = run.stop["at_once"], True
-    try:
-        if run.stop["signal"]:
-            raise Stop(run.stop["signal"])
-        result = fn(*args)
-        run.stop["at_once"] = before
-        return result
-    except Stop:
-        run.stop["at_once"] = before
-        if run.world == 1:
-            raise
-        return None
-
-
 def roll_out_and_grade(run, step):
     """Roll out and grade: this rank's prompts of the step, G rollouts each (sampled from a generator seeded by the
     step: resumable), their completions decoded and graded."""
@@ -903,23 +922,6 @@ def reward_curve(out: Path, smooth=10):
 
 
 # ---------------------------------------------------------------------------------------------------- main
-
-def stopped(run, signum, world):
-    """After a stop: rank 0 saves the last completed step (unless its checkpoint is there) and says how to go on."""
-    name = signal.Signals(signum).name
-    if run is None:
-        print(f"\n{name}: stopped before the run began", file=sys.stderr)
-        return
-    if run.rank != 0:
-        return
-    if run.done and not (run.out / f"step-{run.done:06d}").is_dir():
-        save_checkpoint(run.out, run.done, run.adapter, run.optimizer, run.settings)
-    where = f"the checkpoint of step {run.done} is in {run.out / f'step-{run.done:06d}'}" if run.done else (
-        "before its first step")
-    launcher = "python" if world == 1 else f"torchrun --nproc_per_node {world}"
-    print(f"\n{name}: stopped; {where}. Continue with:\n  {launcher} train.py --resume {shlex.quote(str(run.out))}",
-          file=sys.stderr)
-
 
 def main(argv=None):
     """train.py's command line: every value checked, the data loaded and checked, the run folder claimed (one writer),
