@@ -298,7 +298,7 @@ def step_prompts(problems, step, args, rank, world):
     return picks
 
 
-# ------------------------------------------------------------------------------------------ the run: folder, logs, stops
+# ----------------------------------------------------------------------------------------- the run: folder, logs, stops
 
 def is_run(folder: Path):
     return any((folder / name).exists() for name in ("settings.json", "metrics.jsonl", "latest"))
