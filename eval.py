@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 import data
 import grade
-from data import device_name, number
 import model as models
 import rollout
 from cache import MIN_THOUGHT_SLOTS
+from data import device_name, number
 from encoder import load_adapter
 
 def summarize(records, samples, tokens_per_s):
