@@ -123,7 +123,8 @@ def paired(net, prompts, budget, adapters, args, out):
         ro = generate(net, prompts, CachePolicy("window", budget), args.max_new, temperature=1.0, generator=gen)
         kls = {}  # label -> (per-completion sums, token counts) over each row's tokens after its first eviction
         for label, policy, name in ROWS:
-            per_token = token_kl(net, ro, CachePolicy(policy, budget), adapters[name])  # (B, T)
+            with torch.no_grad():  # token_kl follows autograd where it is on (train.py's distillation)
+                per_token = token_kl(net, ro, CachePolicy(policy, budget), adapters[name])  # (B, T)
             scored = torch.zeros_like(ro.mask)
             for b, n in enumerate(ro.mask.sum(1).tolist()):
                 scored[b, kl_start(ro, CachePolicy(policy, budget), b) or n:n] = True
