@@ -97,25 +97,26 @@ def test_dtype(tiny_qwen):
 @pytest.mark.parametrize("packed", [False, True])
 def test_cached_decoding_equals_one_forward(tiny_qwen, packed):
     """Prefill + one token at a time through RingCache (as rollout.generate does) gives the logits of one causal
-    forward over the whole sequence; row 1 is left-padded by 3 and must match its own unpadded forward.
+    forward over the whole sequence; row 1's prompt is 3 tokens shorter (right-padded in the prefill, its ring from
+    slot 5 on, where the pads were) and must match its own unpadded forward.
     packed: the decode runs through oneDNN's blocked weights (generate's CPU path), the reference does not."""
     ours = M.load(tiny_qwen[0])
     seq, P, T, lens = random_tokens((2, 24)), 8, 16, torch.tensor([8, 5])
-    prompt_pos = (torch.arange(P) - (P - lens)[:, None]).clamp(min=-1)  # (2, P), -1 at pads
-    cache = RingCache.allocate(ours.config, 2, P, [T, T], torch.float32, "cpu")
+    prompt_pos = torch.arange(P).expand(2, P).masked_fill(torch.arange(P) >= lens[:, None], -1)  # (2, P), -1 at pads
+    cache = RingCache.allocate(ours.config, [8, 5], [T, T], [T, T], torch.float32, "cpu")
     with torch.no_grad(), (M.packed_weights(ours) if packed else contextlib.nullcontext()):
         assert hasattr(ours.layers[0].self_attn.q_proj, "packed") == (packed and M.ONEDNN)
-        cache.write_prompt(prompt_pos)
-        logits = [ours(seq[:, :P], prompt_pos.clamp(min=0), cache)]
-        for t in range(T):
+        cache.write_prompt(slice(None), prompt_pos)
+        prompt_logits, thought_logits = ours(seq[:, :P], prompt_pos.clamp(min=0), cache), []  # (2, P, V)
+        for t in range(T):  # the thought tokens seq[:, P:] follow each row's own prompt
             cache.write_thought(t, lens + t)
-            logits.append(ours(seq[:, P + t:P + t + 1], (lens + t)[:, None], cache))
-        logits = torch.cat(logits, 1)  # (2, P + T, V)
+            thought_logits.append(ours(seq[:, P + t:P + t + 1], (lens + t)[:, None], cache))
+        thought_logits = torch.cat(thought_logits, 1)  # (2, T, V)
     assert not any(hasattr(m, "packed") for m in ours.modules())  # the copies are gone on exit
     with torch.no_grad():
-        for row, pad in enumerate((P - lens).tolist()):
-            expected = ours(seq[row:row + 1, pad:])[0]
-            assert (logits[row, pad:] - expected).abs().max() < 1e-5
+        for row, n in enumerate(lens.tolist()):
+            expected = ours(torch.cat([seq[row, :n], seq[row, P:P + T]])[None])[0]  # (n + T, V)
+            assert (torch.cat([prompt_logits[row, :n], thought_logits[row]]) - expected).abs().max() < 1e-5
 
 
 def test_generate_logprobs_equal_one_forward(tiny_qwen):

@@ -3,11 +3,14 @@
 fixed memory, RoPE un-rotation, the eviction schedule; on the real SmolLM2, answers that survive eviction."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as M
 from conftest import chatml
-from cache import MaskedForward, RingCache, evict_count, eviction_steps, thought_slots, unrotate
+from cache import MaskedForward, RingCache, evict_count, eviction_steps, thought_slots
 from encoder import Adapter, AdapterConfig
+import rollout
+from cache import Schedule
 from rollout import CachePolicy, fold, generate, sample, score
 
 # left-padded to P = 8; picked so that greedy decoding of the tiny model does not loop on one token in every row
@@ -154,7 +157,9 @@ def test_fold_is_the_spec_update(tiny):
     keys = M.apply_rope(raw_k, *M.rope_cos_sin(tiny.inv_freq, positions, torch.float32))  # as the cache holds them
     cores = adapter.initial_cores(B)  # (L, B, r, r)
     with torch.no_grad():
-        folded, ratio = fold(adapter, cores, zip(keys, values), positions, valid, tiny.inv_freq)
+        # each layer's (B, m, Hkv, D), the layout of tokens gathered from the cache
+        folded, ratio = fold(adapter, cores, zip(keys.transpose(2, 3), values.transpose(2, 3)), positions, valid,
+                             tiny.inv_freq)
     ratios = []
     for layer in range(cfg.n_layers):
         for row, m in enumerate(counts):
@@ -292,28 +297,22 @@ def test_full_ignores_budget(tiny):
 
 # ---------------------------------------------------------------------------------------------------- cache
 
-def test_memory_fixed_by_budget(tiny):
-    budget, cfg = P + W, tiny.config
-    slots = {(policy, n): thought_slots(policy, budget, P, n) for policy in ("full", "window", "pte")
-             for n in (100, 10_000)}
-    assert slots["window", 100] == slots["window", 10_000] == slots["pte", 10_000] == W
-    assert (slots["full", 100], slots["full", 10_000]) == (100, 10_000)
-    size = lambda n: RingCache.allocate(cfg, 3, P, [n] * 3, torch.float32, "cpu").k.numel()
-    assert size(slots["pte", 100]) == size(slots["pte", 10_000]) < size(slots["full", 100])
+def test_memory_is_the_budget(tiny, monkeypatch):
+    """Every row holds exactly `budget` slots, its prompt and its own ring, whatever the other rows' prompts are:
+    prompts of 3 and 300 tokens at budget 320 allocate 2 x 320 slots a layer (not the longest prompt + the widest
+    window, 300 + 317), at 40 new tokens as at 400; `full` holds what it must, the longest prompt + max_new."""
+    assert thought_slots("window", P + W, P, 100) == thought_slots("pte", P + W, P, 10_000) == W
+    assert (thought_slots("full", P + W, P, 100), thought_slots("full", P + W, P, 10_000)) == (100, 10_000)
+    allocate, caches = RingCache.allocate, []
+    monkeypatch.setattr(RingCache, "allocate", lambda *a: caches.append(allocate(*a)) or caches[-1])
+    prompts, cfg = [[5, 6, 7], [(11 * i) % 97 for i in range(300)]], tiny.config
     adapter = make_adapter(cfg, "pte")
-    for policy, expected in (("window", P + budget - 3), ("pte", P + budget - 3), ("full", P + 100)):
-        stats = run(tiny, policy, adapter if policy == "pte" else None, max_new=100).stats
-        assert stats["steps"] == 100 and stats["cache_slots"] == expected and stats["cache_slots_used"] <= expected
-
-
-def test_unrotate_inverts_rope(tiny):
-    torch.manual_seed(0)
-    keys = torch.randn(2, 3, 2, 5, 8)  # (L, B, Hkv, m, D)
-    positions = torch.randint(0, 5000, (3, 5))  # (B, m)
-    cos, sin = M.rope_cos_sin(tiny.inv_freq, positions, torch.float32)
-    rotated = M.apply_rope(keys, cos, sin)
-    assert (rotated - keys).abs().max() > 0.1
-    assert (unrotate(rotated, positions, tiny.inv_freq) - keys).abs().max() < 1e-6
+    for policy, max_new, slots in (("window", 40, 320), ("window", 400, 320), ("pte", 40, 320), ("full", 40, 340)):
+        roll = generate(tiny, prompts, CachePolicy(policy, 320), max_new, adapter if policy == "pte" else None,
+                        eos_ids=[], pad_id=0)
+        assert roll.stats["steps"] == max_new and roll.stats["cache_slots"] == slots, policy
+        assert caches[-1].k.shape == caches[-1].v.shape == (cfg.n_layers, 2, cfg.n_kv_heads, slots, cfg.head_dim)
+        assert roll.evictions[1] == ([] if policy == "full" else list(range(20, max_new - 1, 5)))  # W 20, m 5
 
 
 def test_eviction_schedule():
@@ -330,6 +329,114 @@ def test_budget_too_small(tiny):
                        match="cache budget 10 leaves 2 thought slots after a 8-token prompt; need at least 4"):
         run(tiny, "window", budget=10)
     assert thought_slots("window", 12, 8, 100) == 4
+
+
+# ---------------------------------------------------------------------------------------------------- rows and the host
+
+@pytest.mark.parametrize("policy", ["full", "window", "pte"])
+def test_a_row_decodes_alone_as_in_any_batch(tiny, policy):
+    """Greedy tokens of each row are the same alone and inside the mixed batch (prompts of 8, 5 and 3 tokens, each
+    row on its own schedule), and with the prefill split into forwards of 1 or 2 rows: what lets a caller split
+    a step's rows over several calls."""
+    adapter = make_adapter(tiny.config, "pte" if policy == "pte" else "lora")
+    kw = dict(temperature=0.0, max_new=30)
+    batch = run(tiny, policy, adapter, **kw)
+    assert (policy == "full") == (batch.evictions == [[]] * 3)
+    for row, prompt in enumerate(PROMPTS):
+        alone = generate(tiny, [prompt], CachePolicy(policy, P + W), 30, adapter, eos_ids=[], pad_id=0)
+        assert torch.equal(alone.tokens[0], batch.tokens[row]) and alone.evictions[0] == batch.evictions[row]
+        torch.testing.assert_close(alone.logprobs[0], batch.logprobs[row], rtol=0, atol=1e-5)
+    for chunk in (1, 2):
+        chunked = run(tiny, policy, adapter, prefill_rows=chunk, **kw)
+        assert torch.equal(chunked.tokens, batch.tokens) and torch.equal(chunked.mask, batch.mask)
+        torch.testing.assert_close(chunked.logprobs, batch.logprobs, rtol=0, atol=1e-5)
+
+
+def test_stopped_rows_stay_pad_until_the_batch_stops(tiny):
+    """Whether every row has stopped is read every DONE_EVERY steps: the rows that stopped before decode pads,
+    masked, and the completion is trimmed to the last step any row was still running."""
+    eos = early_stopping_eos(tiny, "window", None, 1.0)
+    roll = run(tiny, "window", eos_ids=[eos], max_new=MAX_NEW)
+    lengths = roll.mask.sum(1)
+    assert roll.tokens.shape[1] == lengths.max() and lengths.min() < lengths.max()
+    for row, n in enumerate(lengths.tolist()):
+        assert roll.mask[row, :n].all() and (roll.tokens[row, n:] == 0).all()
+        assert n == roll.tokens.shape[1] or roll.tokens[row, n - 1] == eos
+
+
+class OpLog(TorchDispatchMode):
+    """Every aten op run within, by name and with the shapes of its tensor inputs and output: a stand-in on the
+    CPU for the kernels a GPU would launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        shapes = [tuple(x.shape) for x in (*args, *(kwargs or {}).values(), out) if isinstance(x, torch.Tensor)]
+        self.ops.append((func.__name__.split(".")[0], shapes))
+        return out
+
+    def names(self):
+        return [name for name, _ in self.ops]
+
+
+SYNCS = {"_local_scalar_dense", "nonzero", "item"}  # a value read on the host: .item(), bool(), a boolean mask
+# Pinned on torch 2.13 (CPU) for the tiny 2-layer model. A torch release may move them; our code should not: a
+# change here means more work per event or per step (or per layer), or work that depends on the rows.
+EVENT_OPS = {"window": 25, "pte": 184}
+STEP_OPS = {"window": 247, "pte": 385}
+
+
+@pytest.mark.parametrize("policy", ["window", "pte"])
+def test_eviction_event_and_decode_step_op_counts(tiny, policy):
+    """One eviction event costs the same operations whether 1 row or all 3 evict (per-row schedules: prompts of
+    8, 5 and 3 tokens, budget 16, only row 0 evicts before thought 8; prompts all of 8: all three do), reads
+    nothing on the host, and is pinned; so is one decode step (sample, record, stop, next logits)."""
+    cfg, adapter = tiny.config, make_adapter(tiny.config, "pte") if policy == "pte" else None
+    encoder = adapter if policy == "pte" else None
+
+    def event(lens):
+        sched = Schedule.of(policy, P + W, 0.25, lens, 30)
+        cache = RingCache.allocate(cfg, lens, sched.windows, sched.counts, torch.float32, "cpu")
+        cache.k.normal_(generator=gen()), cache.v.normal_(generator=gen(1))
+        cores = adapter.initial_cores(3) if adapter is not None else None
+        with OpLog() as log, torch.no_grad():
+            out = rollout.evict_and_fold(tiny, encoder, cache, cores, 8, sched.events(30)[8], [])
+        return log.names(), sched.events(30)[8], out
+    (one, shape_one, _), (three, shape_three, folded) = event([8, 5, 3]), event([8, 8, 8])
+    assert (shape_one, shape_three) == ((1, 2), (3, 2)) and one == three and not SYNCS & set(one)
+    assert len(one) == EVENT_OPS[policy], f"torch {torch.__version__}: {len(one)} ops: {one}"
+    if policy == "pte":
+        assert (folded - adapter.initial_cores(3)).abs().amax((0, 2, 3)).gt(0).all()  # all three rows folded
+
+    sched = Schedule.of(policy, P + W, 0.25, [8, 5, 3], 30)
+    cache = RingCache.allocate(cfg, [8, 5, 3], sched.windows, sched.counts, torch.float32, "cpu")
+    out, eos = rollout.Transcript.empty(3, 30, 0, "cpu"), torch.tensor([5])
+    with torch.no_grad(), OpLog() as log:
+        cores = adapter.initial_cores(3) if adapter is not None else None
+        logits = rollout.prefill(tiny, adapter, cores, cache, PROMPTS, 0, 1.0)
+        first = len(log.ops)
+        token = rollout.record(out, 0, *sample(logits, 1.0, gen()))
+        rollout.stop(out, 0, token, eos, 30)
+        rollout.next_logits(tiny, adapter, cache, cores, 0, token, 1.0)
+    step = log.names()[first:]
+    assert not SYNCS & set(step) and len(step) == STEP_OPS[policy], f"torch {torch.__version__}: {len(step)}: {step}"
+
+
+def test_sample_passes_over_the_vocabulary():
+    """At top-p 1, sampling reads the (B, V) logits in two full passes (softmax, cumulated sum), a binary search
+    (log V entries a row) and a gather of one entry a row; greedy in two (log-softmax, argmax) and a gather (views,
+    which read nothing, aside)."""
+    logits = torch.randn(4, 97, generator=gen())
+
+    def touching(**kw):
+        with OpLog() as log:
+            sample(logits, generator=gen(), **kw)
+        return [name for name, shapes in log.ops if (4, 97) in shapes and name not in ("slice", "select", "view")]
+    assert touching() == ["_softmax", "cumsum", "searchsorted", "gather"]
+    assert touching(greedy=True) == ["_log_softmax", "argmax", "gather"]
 
 
 # ---------------------------------------------------------------------------------------------------- real SmolLM2
@@ -378,13 +485,27 @@ def test_adapter_delta_is_B_S_A_x_by_hand(tiny):
 
 def test_top_p_keeps_the_token_that_crosses_the_threshold():
     """p = (0.5, 0.3, 0.2), top-p 0.6: 0.5 alone falls short, so the nucleus is {0, 1}, drawn 5:3; the recorded
-    log-prob is under the full softmax (log 0.3 for token 1), not the truncated one."""
+    log-prob is under the full softmax (log 0.3 for token 1), not the truncated one. At top-p 1: drawn 5:3:2."""
     logits = torch.tensor([0.5, 0.3, 0.2]).log().expand(4000, 3)
-    token, logp = sample(logits, 1.0, 0.6, gen())
+    token, logp = sample(logits, 0.6, gen())
     counts = torch.bincount(token, minlength=3)
     assert counts[2] == 0 and counts[1] > 0
     assert counts[0] / 4000 == pytest.approx(0.625, abs=0.03)
     torch.testing.assert_close(logp[token == 1], torch.full_like(logp[token == 1], 0.3).log())
+    token, logp = sample(logits, 1.0, gen())
+    assert (torch.bincount(token, minlength=3) / 4000).tolist() == pytest.approx([0.5, 0.3, 0.2], abs=0.03)
+    torch.testing.assert_close(logp, torch.tensor([0.5, 0.3, 0.2]).log()[token])
+    assert torch.equal(token, sample(logits, 1.0, gen())[0])  # the generator makes it reproducible
+
+
+def test_sample_never_draws_a_token_without_mass(monkeypatch):
+    """A token whose probability underflows to 0 is never drawn, also where the uniform is at either end of [0, 1)
+    (the first token has no mass; the second row's mass sits all in its last token)."""
+    logits = torch.tensor([[-1e4, 0.0, 0.0], [-1e4, -1e4, 0.0]])
+    for u in (0.0, 0.5, 1 - 2 ** -53):
+        monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, u, dtype=torch.float64))
+        token, logp = sample(logits)
+        assert token.tolist() == [1 if u < 0.5 else 2, 2] and torch.isfinite(logp).all(), u
 
 
 def test_truncate_feeds_the_encoder_from_every_target(tiny):
