@@ -41,7 +41,7 @@ def thought_slots(policy, budget, prompt_len, max_new):
 
 
 def evict_count(window, evict):
-    """m = ceil(evict * W), rounded first so that 0.1 * 30 gives 3, not 4."""
+    """m = ceil(evict * W), rounded first so that 0.28 * 25 (7.000000000000001 in floats) gives 7, not 8."""
     if not 0 < evict <= 1:
         raise ValueError(f"--evict must be in (0, 1], got {evict}")
     return min(window, max(1, math.ceil(round(evict * window, 6))))

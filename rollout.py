@@ -317,7 +317,7 @@ def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, tempera
     cache = RingCache.allocate(model.config, lens, sched.windows, sched.counts, model.embed_tokens.weight.dtype, device)
     events = sched.events(max_new)  # {t: (rows, their largest m)}: all the host knows of the evictions
     step = compiled_step(model, adapter) if (device.type == "cuda" if compile is None else compile) else None
-    encoder = adapter if policy.policy == "pte" and adapter.cfg.mode != "global-only" else None  # it folds evictions
+    encoder = adapter if policy.policy == "pte" else None  # it folds evictions (global-only: into nothing)
     out, ratios = Transcript.empty(B, max_new, pad_id, device), []
     with packed_weights(model):  # CPU fp32: a second, blocked copy of the weights while decoding
         cores = adapter.initial_cores(B) if adapter is not None else None

@@ -316,7 +316,8 @@ def test_memory_is_the_budget(tiny, monkeypatch):
 
 
 def test_eviction_schedule():
-    assert evict_count(30, 0.1) == 3  # 0.1 * 30 = 3.0000000000000004 in floats: a bare ceil gives 4
+    assert evict_count(25, 0.28) == 7  # 0.28 * 25 = 7.000000000000001 in floats: a bare ceil gives 8
+    assert evict_count(30, 0.1) == 3
     assert [evict_count(8, 0.25), evict_count(10, 0.25), evict_count(3, 0.1), evict_count(5, 1.0)] == [2, 3, 1, 5]
     assert eviction_steps(23, 8, 2, "window") == [8, 10, 12, 14, 16, 18, 20, 22] == simulate_ring(23, 8, 2)[1]
     assert eviction_steps(23, 8, 2, "full") == []
