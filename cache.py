@@ -97,7 +97,7 @@ class RingCache:
     windows: torch.Tensor  # (B,) W_i
     counts: torch.Tensor | None = None  # (B,) m_i, tokens per eviction
     longest: int = 0  # max_i len_i
-    rows: slice = field(default_factory=lambda: slice(None))  # the rows of a prefill (it may run a chunk of rows at a time)
+    rows: slice = field(default_factory=lambda: slice(None))  # the rows of a prefill (a chunk of them, or all)
     slots: torch.Tensor | None = None  # (B,) the slot each row writes in the current decode step; None: a prefill
     used: int = 0  # slots [0, used) are attended over
     mask: torch.Tensor | None = None

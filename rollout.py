@@ -86,10 +86,10 @@ def pad_prompts(prompts, pad_id, device, right=False):
     pads = [[pad_id] * (P - len(p)) for p in prompts]
     tokens = torch.tensor([list(p) + pad if right else pad + list(p) for p, pad in zip(prompts, pads)], device=device)
     lens = torch.tensor([len(p) for p in prompts], device=device)
-    if right:
-        return tokens, lens, torch.arange(P, device=device).expand(len(prompts), P).masked_fill(
-            torch.arange(P, device=device) >= lens[:, None], -1)
-    return tokens, lens, prompt_positions(lens, P)
+    if not right:
+        return tokens, lens, prompt_positions(lens, P)
+    positions = torch.arange(P, device=device).expand(len(prompts), P)  # (B, P)
+    return tokens, lens, positions.masked_fill(positions >= lens[:, None], -1)
 
 
 def prompt_positions(lens, P):
@@ -206,9 +206,9 @@ def evict_and_fold(model, encoder, cache, cores, t, event, ratios):
     return cores.index_copy(1, rows, folded)
 
 
-def eager_step(model, adapter, cache, t, token, cores):
-    """Feed thought token t of every row through the cache as it is (attending over the slots filled so far) ->
-    the last hidden states (B, d)."""
+def feed(model, adapter, cache, t, token, cores):
+    """Thought token t of every row, token (B,), through the cache -> the last hidden states (B, d). Eager: it
+    attends over the slots filled so far; a static cache: over every slot."""
     cache.write_thought(t, cache.lens + t)
     return model.hidden(token[:, None], (cache.lens + t)[:, None], cache, adapter, cores)[:, -1]
 
@@ -216,16 +216,14 @@ def eager_step(model, adapter, cache, t, token, cores):
 def next_logits(model, adapter, cache, cores, t, token, temperature, step=None):
     """Feed thought token t of every row -> the logits (B, V) of token t + 1, at the temperature; through `step`
     (compiled_step) if given, else eagerly."""
-    return head(model, (step or eager_step)(model, adapter, cache, t, token, cores), temperature)
+    return head(model, (step or feed)(model, adapter, cache, t, token, cores), temperature)
 
 
 def decode_step(model, adapter, ring, t, token, cores):
     """Thought token t (a 0-d tensor) of every row, token (B,), over a static RingCache of ring = (k, v, pos, lens,
     windows) -> the last hidden states (B, d). Every shape is the cache's and every index a tensor, so one graph
     serves all steps of a generate call."""
-    cache = RingCache(*ring, static=True)
-    cache.write_thought(t, cache.lens + t)
-    return model.hidden(token[:, None], (cache.lens + t)[:, None], cache, adapter, cores)[:, -1]
+    return feed(model, adapter, RingCache(*ring, static=True), t, token, cores)
 
 
 # One function a variant: dynamo keeps the compiled graphs of a function together, and a variant's graph is a compile
@@ -243,7 +241,7 @@ def base_step(model, adapter, ring, t, token, cores):  # no adapter
 
 
 def compiled_step(model, adapter):
-    """decode_step as one compiled graph, with the signature of eager_step, or None where compiling failed in an
+    """decode_step as one compiled graph, with the signature of feed, or None where compiling failed in an
     earlier call (model.compile_error). On cuda, CUDA graphs (mode reduce-overhead): a step costs its kernels, not
     Python; the graph writes into the cache in place, so the cache's tensors are marked static (fixed addresses).
     On the CPU, inductor fuses the small ops (RoPE, norms, SwiGLU, masks) between the linears. The batch and slot
@@ -270,7 +268,7 @@ def compiled_step(model, adapter):
                 return h
             except Exception as e:  # noqa: BLE001
                 _compile_failed(model, e)
-        return eager_step(model, adapter, cache, t, token, cores)
+        return feed(model, adapter, cache, t, token, cores)
     step.first_s = None
     return step
 
@@ -311,7 +309,8 @@ def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, tempera
     _check(policy, adapter)
     device, B = model.embed_tokens.weight.device, len(prompts)
     eos_ids = list(eos_ids if eos_ids is not None else model.config.eos_ids)
-    pad_id, eos = (pad_id if pad_id is not None else max(eos_ids[:1] + [0])), torch.tensor(eos_ids or [-1], device=device)
+    pad_id = pad_id if pad_id is not None else max(eos_ids[:1] + [0])
+    eos = torch.tensor(eos_ids or [-1], device=device)
     lens = [len(p) for p in prompts]
     sched = policy.schedule(lens, max_new)
     cache = RingCache.allocate(model.config, lens, sched.windows, sched.counts, model.embed_tokens.weight.dtype, device)
@@ -434,7 +433,8 @@ def fold_last_eviction(ctx, base, seg, first, thought_k, thought_v):
 
     def layer(pieces, i):  # (B, m, Hkv, D): the evicted tokens of layer i
         joined = torch.cat([p[i] for p in pieces], 2)  # (B, Hkv, n, D)
-        return joined.gather(2, index[:, None, :, None].expand(-1, joined.shape[1], -1, joined.shape[3])).transpose(1, 2)
+        index_ = index[:, None, :, None].expand(-1, joined.shape[1], -1, joined.shape[3])  # (B, Hkv, m, D)
+        return joined.gather(2, index_).transpose(1, 2)
     evicted = ((layer(thought_k, i), layer(thought_v, i)) for i in range(len(base)))
     folded, _ = fold(ctx.adapter, base, evicted, lens[:, None] + tok, valid, ctx.model.inv_freq)
     return torch.where(seg.evicted[None, :, None, None], folded, s0)

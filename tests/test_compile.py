@@ -1,7 +1,9 @@
 """The compiled decode step (rollout.decode_step under torch.compile): the same tokens and log-probs as eager
-`generate`, one graph for every step of a call; its static-shape logic (every slot attended under the mask, the
-step an index tensor) checked without compiling, so that a wrong mask or slot fails fast. CPU only here: the CUDA
-graphs of mode reduce-overhead run where bench.py --gpu runs."""
+`generate`, one graph for every step of a call and for every call of a variant (no recompile for another batch size,
+prompt length or budget); a compiler that fails falls back to eager with one warning. Its static-shape logic (every
+slot attended under the mask, the step an index tensor) is checked without compiling, so that a wrong mask or slot
+fails fast. CPU only here: the CUDA graphs of mode reduce-overhead run where bench.py --gpu runs. The assertions
+about compiles name the torch version they ran on."""
 import dataclasses
 import warnings
 

@@ -131,7 +131,7 @@ def test_generate_logprobs_equal_one_forward(tiny_qwen):
 
 # -------------------------------------------------------------------------------------------------- registry, tokenizer
 
-SPEC_SHAPES = {  # SPEC section 1: layers, d, ffn, H, Hkv, vocab, tied, rope theta; smollm2 from its config.json
+SHAPES = {  # docs/method.md §1: layers, d, ffn, H, Hkv, vocab, tied, rope theta; smollm2 from its config.json
     "qwen2.5-0.5b": (24, 896, 4864, 14, 2, 151936, True, 1e6),
     "qwen2.5-1.5b": (28, 1536, 8960, 12, 2, 151936, True, 1e6),
     "qwen2.5-3b": (36, 2048, 11008, 16, 2, 151936, True, 1e6),
@@ -158,17 +158,17 @@ def test_masked_attention_with_expanded_kv_heads_equals_gqa():
     torch.testing.assert_close(M.attend_one(q[:, :, :1], k, v, mask[:, :, :1]), by_hand[:, :, :1])
 
 
-@pytest.mark.parametrize("name", SPEC_SHAPES)
+@pytest.mark.parametrize("name", SHAPES)
 def test_registry_shapes(name):
     c = M.config_from_hf(M.REGISTRY[name][1])
     shapes = (c.n_layers, c.dim, c.ffn_dim, c.n_heads, c.n_kv_heads, c.vocab_size, c.tie_embeddings, c.rope_theta)
-    assert shapes == SPEC_SHAPES[name]
+    assert shapes == SHAPES[name]
     assert c.head_dim == c.dim // c.n_heads and c.qkv_bias == name.startswith("qwen")
     if name == "r1-llama-8b":
         assert c.rms_eps == 1e-5 and c.rope_scaling == dict(
             rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
             original_max_position_embeddings=8192)
-    assert set(M.REGISTRY) == {*SPEC_SHAPES, "toy"}
+    assert set(M.REGISTRY) == {*SHAPES, "toy"}
 
 
 def test_tokenizer(tmp_path, qwen_tokenizer_dir):

@@ -1,4 +1,4 @@
-"""rollout.py and cache.py: `window` against the SPEC section 2 reference (one transformers forward with an explicit
+"""rollout.py and cache.py: `window` against the docs/method.md §2 reference (one transformers forward with an explicit
 4D mask computed here from a simulated ring), `pte` against `window`, `score` against `generate` and its gradients,
 fixed memory, RoPE un-rotation, the eviction schedule; on the real SmolLM2, answers that survive eviction."""
 import pytest
@@ -47,7 +47,7 @@ def make_adapter(cfg, mode, b_std=0.1):
 # ---------------------------------------------------------------------------------------------------- the reference
 
 def rings(budget, evict=0.25):
-    """Each row's (W_i, m_i) at this budget: W_i = budget - len(prompt_i), SPEC section 2."""
+    """Each row's (W_i, m_i) at this budget: W_i = budget - len(prompt_i), docs/method.md §2."""
     return [(budget - len(p), evict_count(budget - len(p), evict)) for p in PROMPTS]
 
 
@@ -64,7 +64,7 @@ def simulate_ring(n_tokens, window, m):
 
 
 def reference_mask(roll, ring):
-    """allowed (B, P+T, P+T) bool and absolute positions (B, P+T) of SPEC section 2 for prompt + completion;
+    """allowed (B, P+T, P+T) bool and absolute positions (B, P+T) of docs/method.md §2 for prompt + completion;
     ring: each row's (W_i, m_i)."""
     (B, P), T = roll.prompts.shape, roll.tokens.shape[1]
     allowed = torch.zeros(B, P + T, P + T, dtype=torch.bool)
@@ -146,7 +146,7 @@ def test_evictions_feed_the_encoder(tiny):
 
 
 def test_fold_is_the_spec_update(tiny):
-    """One eviction into S, by hand for every layer and row (SPEC section 3): S <- sqrt(r) X / ||X||_F with
+    """One eviction into S, by hand for every layer and row (docs/method.md §3): S <- sqrt(r) X / ||X||_F with
     X = S + (q_g W_Q) (K W_K)^T (V W_V) / m, K the evicted keys before RoPE with the KV heads side by side.
     Row 0 evicts 3 tokens, row 1 only 2 (its third is padding, which must count for nothing, not even in m)."""
     cfg, adapter, (B, m) = tiny.config, make_adapter(tiny.config, "pte"), (2, 3)
