@@ -257,7 +257,8 @@ def compiled_step(model, adapter):
         variant = base_step if adapter is None else pte_step if adapter.encodes else lora_step
         compiled = torch.compile(variant, **options)
     except Exception as e:  # noqa: BLE001  (whatever the compiler raises, decoding eagerly gives the same tokens)
-        return _compile_failed(model, e)
+        _compile_failed(model, e)
+        return None
 
     def step(model, adapter, cache, t, token, cores):
         if not getattr(model, "compile_error", None):
@@ -292,6 +293,7 @@ def _run_compiled(compiled, model, adapter, cache, t, token, cores):
 
 
 def _compile_failed(model, error):
+    """Remember on the model that compiling failed (later calls decode eagerly at once) and say so, once."""
     model.compile_error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
     warnings.warn(f"the compiled decode step failed ({model.compile_error}); decoding eagerly from here on, with the "
                   "same tokens. Pass --no-compile to skip compiling.", RuntimeWarning, stacklevel=3)

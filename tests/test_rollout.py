@@ -289,6 +289,30 @@ def test_truncated_pte_reaches_every_parameter(tiny):
             assert g[True].keys() == g[False].keys() and all(torch.allclose(g[True][n], g[False][n]) for n in g[True])
 
 
+def test_score_attends_over_each_rows_own_context(tiny, monkeypatch):
+    """score's replay gives each row its own prompt and window: with prompts of 3 and 300 tokens at budget 320, no
+    segment's keys exceed the budget plus the segment's own (not the longest prompt plus the union of the windows),
+    and it still reproduces generate."""
+    import cache
+    widths, init = [], cache.ReplayCache.__init__
+
+    def spy(self, past_k, past_v, index, key_pos, query_pos, dtype):
+        widths.append((key_pos.shape[1], query_pos.shape[1], index is None))
+        init(self, past_k, past_v, index, key_pos, query_pos, dtype)
+    monkeypatch.setattr(cache.ReplayCache, "__init__", spy)
+    prompts, adapter = [[5, 6, 7], [(11 * i) % 97 for i in range(300)]], make_adapter(tiny.config, "pte")
+    roll = generate(tiny, prompts, CachePolicy("pte", 320), 60, adapter, 1.0, eos_ids=[], pad_id=0, generator=gen())
+    assert roll.evictions[1][:2] == [20, 25] and roll.evictions[0] == []
+    with torch.no_grad():
+        logp = score(tiny, roll, CachePolicy("pte", 320), adapter, 1.0)
+    assert masked_diff(logp, roll.logprobs, roll.mask) <= 2e-5
+    segments = [(keys, n) for keys, n, prefill in widths if not prefill]
+    assert len(segments) > 10 and all(keys - n <= 320 for keys, n in segments), segments
+    # row 1 (W = 20, m = 5) holds its prompt and 15 thought tokens when a segment starts; the union would add row
+    # 0's whole completion to it
+    assert max(keys - n for keys, n in segments) == 300 + 15
+
+
 def test_full_ignores_budget(tiny):
     roll = run(tiny, "full", budget=P)  # full keeps everything: the budget only sets its checkpoint chunk size
     with torch.no_grad():
