@@ -122,23 +122,22 @@ def _check(policy, adapter):
 
 def sample(logits, top_p=1.0, generator=None, greedy=False):
     """logits (B, V), already divided by the temperature -> token (B,) and its log-prob (B,) under softmax(logits).
-    greedy: the argmax. Else an inverse-CDF draw, one uniform a row against the cumulated probabilities: three
-    passes over the vocabulary at top-p 1 (softmax, cumsum, binary search). The cumulated sum is in fp64, so that
-    no token's probability is lost to rounding beside a running sum near 1."""
+    greedy: the argmax. Else the exponential race: with E_i ~ Exp(1), argmax_i p_i / E_i is token i with probability
+    p_i. It is the draw torch.multinomial makes for one sample (the same tokens from the same generator), without the
+    host syncs of its checks on the probabilities. At top-p 1: three passes that read the vocabulary (softmax, the
+    division, the argmax) beside the one that writes the noise."""
     if greedy:
         logp = torch.log_softmax(logits, -1, dtype=torch.float32)  # (B, V)
         token = logp.argmax(-1)
         return token, logp.gather(-1, token[:, None])[:, 0]
-    probs = torch.softmax(logits, -1, dtype=torch.float32)  # (B, V)
-    order = None
+    probs = weights = torch.softmax(logits, -1, dtype=torch.float32)  # (B, V)
     if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
-        probs, order = probs.sort(-1, descending=True)
-    cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V)
-    total = cdf[:, -1:] if order is None else cdf.gather(-1, ((cdf - probs) < top_p).sum(-1, keepdim=True) - 1)
-    u = torch.rand(total.shape, generator=generator, device=total.device, dtype=torch.float64)  # (B, 1)
-    token = torch.searchsorted(cdf, u * total, right=True).clamp(max=cdf.shape[1] - 1)  # (B, 1)
-    p = probs.gather(-1, token)[:, 0]
-    return (token if order is None else order.gather(-1, token))[:, 0], p.log()
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        weights = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0))
+    race = torch.empty_like(weights).exponential_(generator=generator)  # (B, V) E_i
+    token = torch.div(weights, race, out=race).argmax(-1)  # (B,) a token without probability never wins
+    return token, probs.gather(-1, token[:, None])[:, 0].log()
 
 
 @dataclass
