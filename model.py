@@ -296,7 +296,7 @@ REGISTRY = {
                      original_max_position_embeddings=8192))),
     "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", _hf(
         (30, 576, 1536, 9, 3, 49152, True, 1e5), "llama", 1e-5, eos=2)),
-    "toy": (None, None),  # ships in this repository: toy/ (see toy.py)
+    "toy": (None, None),  # ships in this repository: toy/ (built by experiments/toy.py)
 }
 TOY_DIR = Path(__file__).resolve().parent / "toy"
 
@@ -309,7 +309,8 @@ def resolve(name_or_path) -> Path:
         return path
     if name_or_path == "toy":
         if not (TOY_DIR / "config.json").exists():
-            raise FileNotFoundError(f"the toy model is missing from {TOY_DIR}; rebuild it with: python toy.py build")
+            raise FileNotFoundError(f"the toy model is missing from {TOY_DIR}; rebuild it with: "
+                                    "python experiments/toy.py build")
         return TOY_DIR
     if name_or_path not in REGISTRY:
         if os.sep in str(name_or_path) or path.suffix:

@@ -10,6 +10,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "experiments"))  # the experiment scripts, which the tests import too
 torch.set_num_threads(1)  # tiny models: threads only add synchronisation, and CI machines may be shared
 
 

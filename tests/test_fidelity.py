@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import data
 import eval as ev
 import model as M
 from cache import MaskedForward
@@ -92,7 +93,7 @@ def test_cli_writes_kl_beside_accuracy_and_length(tmp_path, capsys):
 
     import toy
     bench = tmp_path / "toy.jsonl"
-    bench.write_text("".join(json.dumps(p) + "\n" for p in toy.make_problems(32, toy.EVAL_SEED)))
+    bench.write_text("".join(json.dumps(p) + "\n" for p in data.make_problems(32, data.EVAL_SEED)))
     ev.main(["--model", "toy", "--bench", str(bench), "--policy", "full,window",
              "--cache", str(toy.TOY_DEFAULTS["cache"]),
              "--max-new", str(toy.TOY_DEFAULTS["max_new"]), "--batch-size", "32", "--threads", "1", "--kl",
@@ -119,7 +120,7 @@ def test_toy_distillation_under_pte_lowers_the_kl_below_the_window(tmp_path):
                       "--prompts-per-step", "64", "--lr", "3e-3", "--seed", "0", "--eval-size", "0", "--threads", "1",
                       "--b-init", "0", "--encoder-lr", "3e-3",  # LoRA's init and one lr, not the toy's GRPO choices
                       "--out", str(tmp_path / "run")])
-    model, tokenizer, problems = M.load("toy"), M.load_tokenizer("toy"), toy.make_problems(128, toy.EVAL_SEED)
+    model, tokenizer, problems = M.load("toy"), M.load_tokenizer("toy"), data.make_problems(128, data.EVAL_SEED)
     kl = {}
     for policy, adapter in (("window", None), ("pte", load_adapter(run / "adapter", model.config))):
         summary, _ = ev.evaluate(model, tokenizer, problems, CachePolicy(policy, toy.TOY_DEFAULTS["cache"]), adapter,

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import grade
+import data
 import toy
 from cache import MaskedForward, evict_count, eviction_steps, thought_slots
 from data import chat_family
@@ -15,7 +16,7 @@ from rollout import CachePolicy, generate
 def chain(problem):
     """x0..x16 from a problem's text, computed independently of toy.py."""
     words = problem.split()
-    assert words[0] == "<bos>" and words[-1] == "<sep>" and len(words) == toy.PROMPT_LEN
+    assert words[0] == "<bos>" and words[-1] == "<sep>" and len(words) == data.PROMPT_LEN
     xs = [int(words[1])]
     for o in words[2:-1]:
         xs.append((xs[-1] + int(o)) % 10)
@@ -23,8 +24,8 @@ def chain(problem):
 
 
 def test_problems_are_deterministic_and_right():
-    problems = toy.make_problems(200, seed=7)
-    assert problems == toy.make_problems(200, seed=7) and problems != toy.make_problems(200, seed=8)
+    problems = data.make_problems(200, seed=7)
+    assert problems == data.make_problems(200, seed=7) and problems != data.make_problems(200, seed=8)
     assert len({p["id"] for p in problems}) == 200
     for p in problems:
         xs = chain(p["problem"])
@@ -34,27 +35,27 @@ def test_problems_are_deterministic_and_right():
 
 def test_trace_by_hand():
     # x0 = 1 and every operand 1: x_i = 1 + i mod 10, x4 = 5 (memo), x16 = 7, Y = (5 + 7) mod 10 = 2
-    prompt, trace = toy.encode(torch.ones(1, toy.N_OPS + 1, dtype=torch.long))
+    prompt, trace = data.encode(torch.ones(1, data.N_OPS + 1, dtype=torch.long))
     tokenizer = toy.make_tokenizer()
     assert tokenizer.decode(prompt[0].tolist(), skip_special_tokens=False) == "<bos> " + " ".join("1" * 17) + " <sep>"
     text = tokenizer.decode(trace[0].tolist(), skip_special_tokens=True)
     assert text == "2 3 4 m5 6 7 8 9 0 1 2 3 4 5 6 7 = 5 \\boxed{ 2 }"
-    assert grade.extract_answer(text) == "2" and trace[0, -1] == toy.ID["<eos>"]
+    assert grade.extract_answer(text) == "2" and trace[0, -1] == data.ID["<eos>"]
 
 
 def test_answer_needs_the_memo_thought_that_a_window_of_8_evicts():
-    problems = toy.make_problems(64, seed=3)
+    problems = data.make_problems(64, seed=3)
     digits = torch.tensor([[int(w) for w in p["problem"].split()[1:-1]] for p in problems])
-    _, trace = toy.encode(digits)
+    _, trace = data.encode(digits)
     words = [toy.make_tokenizer().decode(t.tolist(), skip_special_tokens=True).split() for t in trace]
     for w, p in zip(words, problems):
         x4 = chain(p["problem"])[4]
         assert w[3] == f"m{x4}" and w[w.index("=") + 1] == str(x4)  # X recalls the memo digit of thought 3
         assert sum(x.startswith("m") for x in w) == 1 and grade.score(" ".join(w), p["answer"]) == 1.0
     # at budget P + 8 the memo (thought 3) leaves before thought 10, long before X is written (thought 17)
-    W = thought_slots("window", toy.TOY_DEFAULTS["cache"], toy.PROMPT_LEN, toy.TRACE_LEN)
+    W = thought_slots("window", toy.TOY_DEFAULTS["cache"], data.PROMPT_LEN, data.TRACE_LEN)
     m = evict_count(W, toy.TOY_DEFAULTS["evict"])
-    gone_before = eviction_steps(toy.TRACE_LEN, W, m, "window")[3 // m]  # the eviction that takes thoughts [2, 4)
+    gone_before = eviction_steps(data.TRACE_LEN, W, m, "window")[3 // m]  # the eviction that takes thoughts [2, 4)
     recall_at = words[0].index("=") + 1
     assert (W, m, gone_before, recall_at) == (8, 2, 10, 17)
 
@@ -63,13 +64,13 @@ def test_model_recalls_the_memo_token_not_the_prompt():
     # rewrite the memo thought to another digit: under the full cache the model recalls what its thought says
     model = load("toy")
     g = torch.Generator().manual_seed(5)
-    digits = toy.draw_digits(64, g)
-    prompt, trace = toy.encode(digits)
+    digits = data.draw_digits(64, g)
+    prompt, trace = data.encode(digits)
     x4 = digits[:, :5].sum(1) % 10
     other = (x4 + torch.randint(1, 10, (64,), generator=g)) % 10
-    trace[:, 3] = toy.MEMO + other
+    trace[:, 3] = data.MEMO + other
     with torch.no_grad():
-        recall = model(torch.cat([prompt, trace[:, :17]], 1))[:, -1].argmax(-1) - toy.DIGIT  # (64,) after "="
+        recall = model(torch.cat([prompt, trace[:, :17]], 1))[:, -1].argmax(-1) - data.DIGIT  # (64,) after "="
     assert (recall == other).float().mean() >= 0.9
 
 
@@ -78,15 +79,15 @@ def test_shipped_model_full_cache_solves_window_forgets():
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files) and sum(files.values()) < 2e6
     assert chat_family(TOY_DIR) is None  # no chat template: the prompt is the problem text
     model, tokenizer = load("toy"), load_tokenizer("toy")
-    assert model.config.eos_ids == (toy.ID["<eos>"],) and model.config.tie_embeddings
+    assert model.config.eos_ids == (data.ID["<eos>"],) and model.config.tie_embeddings
     assert 90_000 < sum(p.numel() for p in model.parameters()) < 110_000
-    problems = toy.make_problems(64, toy.EVAL_SEED)
+    problems = data.make_problems(64, data.EVAL_SEED)
     prompts = [tokenizer.encode(p["problem"], add_special_tokens=False).ids for p in problems]
-    assert {len(p) for p in prompts} == {toy.PROMPT_LEN} and prompts[0][0] == toy.ID["<bos>"]
+    assert {len(p) for p in prompts} == {data.PROMPT_LEN} and prompts[0][0] == data.ID["<bos>"]
     acc = {}
     for policy in ("full", "window"):
-        out = generate(model, prompts, CachePolicy(policy, budget=toy.PROMPT_LEN + 8), max_new=24)
-        assert not out.truncated.any() and out.mask.sum(1).tolist() == [toy.TRACE_LEN] * 64  # stops on <eos>
+        out = generate(model, prompts, CachePolicy(policy, budget=data.PROMPT_LEN + 8), max_new=24)
+        assert not out.truncated.any() and out.mask.sum(1).tolist() == [data.TRACE_LEN] * 64  # stops on <eos>
         texts = tokenizer.decode_batch(out.tokens.tolist(), skip_special_tokens=True)
         acc[policy] = sum(grade.score(t, p["answer"]) for t, p in zip(texts, problems)) / 64
     assert acc["full"] >= 0.95 and acc["window"] <= 0.30, acc
@@ -99,7 +100,7 @@ def test_build_is_deterministic_and_round_trips(tmp_path):
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     loaded = load(tmp_path / "a")
-    x = torch.tensor([load_tokenizer(tmp_path / "a").encode(toy.make_problems(1, 0)[0]["problem"]).ids])  # (1, 19)
+    x = torch.tensor([load_tokenizer(tmp_path / "a").encode(data.make_problems(1, 0)[0]["problem"]).ids])  # (1, 19)
     with torch.no_grad():
         assert torch.equal(net(x), loaded(x))
 
@@ -108,22 +109,22 @@ def test_window_mask_reproduces_the_window_cache():
     """The build's windowed rows see exactly what a window-policy rollout sees (rollout.score is the reference)."""
     from rollout import Rollout, score
     model, B = load("toy"), 6
-    prompt, trace = toy.encode(toy.draw_digits(B, torch.Generator().manual_seed(1)))
+    prompt, trace = data.encode(data.draw_digits(B, torch.Generator().manual_seed(1)))
     windowed = torch.tensor([True, False] * (B // 2))
     with torch.no_grad():
         h = model.hidden(torch.cat([prompt, trace[:, :-1]], 1), cache=MaskedForward(toy.window_mask(windowed)))
-        logp = torch.log_softmax(model.lm_head(h[:, toy.PROMPT_LEN - 1:]), -1).gather(-1, trace[..., None])[..., 0]
-        ro = Rollout(prompt, torch.full((B,), toy.PROMPT_LEN), trace, None, torch.ones_like(trace, dtype=torch.bool),
-                     None, [list(range(8, toy.TRACE_LEN - 1, 2))] * B)
+        logp = torch.log_softmax(model.lm_head(h[:, data.PROMPT_LEN - 1:]), -1).gather(-1, trace[..., None])[..., 0]
+        ro = Rollout(prompt, torch.full((B,), data.PROMPT_LEN), trace, None, torch.ones_like(trace, dtype=torch.bool),
+                     None, [list(range(8, data.TRACE_LEN - 1, 2))] * B)
         for policy, rows in (("window", windowed), ("full", ~windowed)):
             ref = score(model, ro, CachePolicy(policy, toy.TOY_DEFAULTS["cache"]), use_checkpoint=False)
             torch.testing.assert_close(logp[rows], ref[rows], atol=1e-4, rtol=0)
     # and the window really hides the memo (thought 3) from X's predecessor (thought 16), not from thought 9
     allowed = toy.window_mask(torch.tensor([True]))[0, 0] == 0
-    memo = toy.PROMPT_LEN + 3
-    assert (allowed[toy.PROMPT_LEN + 9, memo] and not allowed[toy.PROMPT_LEN + 10, memo]
-            and not allowed[toy.PROMPT_LEN + 16, memo])
-    assert allowed[toy.PROMPT_LEN + 16, :toy.PROMPT_LEN].all()  # the prompt is pinned
+    memo = data.PROMPT_LEN + 3
+    assert (allowed[data.PROMPT_LEN + 9, memo] and not allowed[data.PROMPT_LEN + 10, memo]
+            and not allowed[data.PROMPT_LEN + 16, memo])
+    assert allowed[data.PROMPT_LEN + 16, :data.PROMPT_LEN].all()  # the prompt is pinned
 
 
 def test_shipped_model_spreads_the_recall_over_the_digits_when_the_memo_is_gone():
@@ -131,11 +132,11 @@ def test_shipped_model_spreads_the_recall_over_the_digits_when_the_memo_is_gone(
     different rewards; with the full cache X is certain."""
     from rollout import score
     model, tokenizer = load("toy"), load_tokenizer("toy")
-    prompts = [tokenizer.encode(p["problem"]).ids for p in toy.make_problems(32, toy.EVAL_SEED)]
+    prompts = [tokenizer.encode(p["problem"]).ids for p in data.make_problems(32, data.EVAL_SEED)]
     entropy = {}
     for policy in ("full", "window"):
         pol = CachePolicy(policy, toy.TOY_DEFAULTS["cache"])
-        out = generate(model, prompts, pol, max_new=toy.TRACE_LEN)
+        out = generate(model, prompts, pol, max_new=data.TRACE_LEN)
         with torch.no_grad():
             ent = score(model, out, pol,
                         token_fn=lambda logits, _, span: -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1))
@@ -156,7 +157,7 @@ def test_pte_distillation_recalls_what_the_window_forgets(tmp_path):
                       "--group", "1", "--lr", "1e-3", "--encoder-lr", "1e-3", "--b-init", "0", "--seed", "0",
                       "--eval-size", "0", "--threads", "1", "--out", str(tmp_path / "run")])
     model, tokenizer = load("toy"), load_tokenizer("toy")
-    problems = toy.make_problems(128, toy.EVAL_SEED)
+    problems = data.make_problems(128, data.EVAL_SEED)
     accuracy = {}
     for policy, adapter in (("window", None), ("pte", load_adapter(run / "adapter", model.config))):
         summary, _ = evaluate(model, tokenizer, problems, CachePolicy(policy, toy.TOY_DEFAULTS["cache"]), adapter,
@@ -186,10 +187,10 @@ def test_memo_family_by_hand():
 
 
 def test_recall_score_counts_memos():
-    _, trace = toy.encode_memos(toy.draw_digits(2, torch.Generator().manual_seed(0), 32), 2)  # (2, 12): recall at 9, 10
+    _, trace = toy.encode_memos(data.draw_digits(2, torch.Generator().manual_seed(0), 32), 2)  # (2, 12): recall at 9, 10
     assert toy.recall_score(trace, trace, 2) == 1.0
     wrong = trace.clone()
-    wrong[0, 9] = toy.ID["<eos>"]
+    wrong[0, 9] = data.ID["<eos>"]
     assert toy.recall_score(wrong, trace, 2) == 0.75
     assert toy.recall_score(trace[:, :10], trace, 2) == 0.5  # stopped before the second recall: it counts as wrong
 
@@ -234,7 +235,7 @@ def test_swapped_adapter_init_starts_at_the_base_model_and_trains_a_first():
     torch.manual_seed(0)
     adapter = Adapter(model.config, AdapterConfig("pte", 4, 32.0, 2, ["o"], b_init=0.03))
     assert all(not a.any() for a in adapter.A.values()) and all(0.02 < b.std() < 0.04 for b in adapter.B.values())
-    tokens = torch.tensor([load_tokenizer("toy").encode(toy.make_problems(2, 0)[0]["problem"]).ids] * 2)
+    tokens = torch.tensor([load_tokenizer("toy").encode(data.make_problems(2, 0)[0]["problem"]).ids] * 2)
     cores = adapter.initial_cores(2)
     loss = model(tokens, adapter=adapter, cores=cores).logsumexp(-1).sum()
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """Accuracy of grade.py per kind of answer on tests/grade_cases.jsonl, beside math-verify's on the same cases.
 
-    python tests/grade_report.py [--misses]
+    python experiments/grade_report.py [--misses]
 
 A case is {"kind", "answer" (boxed into a completion) or "completion", "gold", "label"}; labels were written by
 reasoning about the maths. Both graders see the same completion and gold; math-verify (test-only dependency,
@@ -13,10 +13,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the core modules
 import grade  # noqa: E402
 
-CASES = Path(__file__).with_name("grade_cases.jsonl")
+CASES = Path(__file__).resolve().parents[1] / "tests" / "grade_cases.jsonl"
 
 
 def load_cases(path=CASES):

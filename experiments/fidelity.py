@@ -1,6 +1,6 @@
 """How much of the full-cache model survives under a small cache, on SmolLM2-135M-Instruct (a laptop experiment).
 
-    python fidelity.py --threads 1           # resumable: the same command again continues where it stopped
+    python experiments/fidelity.py --threads 1           # resumable: the same command again continues where it stopped
 
 Measure: eval.py's --kl, the mean per-token KL(full-cache base model || policy) over each completion's tokens after
 its first eviction, on the policy's own completions (sampled at temperature 1, 256 tokens at most).
@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import data
-import model as models
-import plot
-import train
-from encoder import Adapter, AdapterConfig, load_adapter, save_adapter, trainable
-from eval import evaluate, kl_start, token_kl
-from rollout import CachePolicy, Rollout, generate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the core modules
+import data  # noqa: E402
+import model as models  # noqa: E402
+import plot  # noqa: E402
+import train  # noqa: E402
+from encoder import Adapter, AdapterConfig, load_adapter, save_adapter, trainable  # noqa: E402
+from eval import evaluate, kl_start, token_kl  # noqa: E402
+from rollout import CachePolicy, Rollout, generate  # noqa: E402
 
 BUILT = Path.home() / ".cache" / "smollm2-135m-instruct"  # where ../shared/tools/smollm2.sh builds it
 MODEL = os.environ.get("PTE_SMOLLM2") or (str(BUILT) if (BUILT / "config.json").exists() else "smollm2-135m")
@@ -41,7 +42,7 @@ ROWS = (("bare window", "window", None), ("LoRA_c", "window", "lora_c"), ("PTE",
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="fidelity.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="experiments/fidelity.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=MODEL, help="SmolLM2-135M-Instruct: $PTE_SMOLLM2, else the folder "
                    "../shared/tools/smollm2.sh builds, else the registry name (Hugging Face cache)")
     p.add_argument("--data-dir", help="where gsm8k.jsonl lives (default: $PTE_DATA, else data/)")
@@ -122,7 +123,8 @@ def paired(net, prompts, budget, adapters, args, out):
         ro = generate(net, prompts, CachePolicy("window", budget), args.max_new, temperature=1.0, generator=gen)
         kls = {}  # label -> (per-completion sums, token counts) over each row's tokens after its first eviction
         for label, policy, name in ROWS:
-            per_token = token_kl(net, ro, CachePolicy(policy, budget), adapters[name])  # (B, T)
+            with torch.no_grad():  # token_kl follows autograd where it is on (train.py's distillation)
+                per_token = token_kl(net, ro, CachePolicy(policy, budget), adapters[name])  # (B, T)
             scored = torch.zeros_like(ro.mask)
             for b, n in enumerate(ro.mask.sum(1).tolist()):
                 scored[b, kl_start(ro, CachePolicy(policy, budget), b) or n:n] = True

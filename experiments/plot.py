@@ -3,15 +3,17 @@ a bar chart with error whiskers (fidelity.py's KL per row), and the teaching dia
 pinned, the ring of thought slots, each eviction of m tokens folded into S). Elements are plain strings; `document`
 wraps them; every number is rounded to 0.1 px.
 
-    python plot.py [--out docs/pte-cache.svg] [--window 8] [--evict 0.25] [--tokens 22]   the diagram
+    python experiments/plot.py [--out docs/pte-cache.svg] [--window 8] [--evict 0.25] [--tokens 22]   the diagram
 """
 import argparse
 import json
 import math
 from html import escape
+import sys
 from pathlib import Path
 
-from cache import evict_count, eviction_steps
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the core modules
+from cache import evict_count, eviction_steps  # noqa: E402
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f")
 FONT = 'font-family="sans-serif" font-size="12"'

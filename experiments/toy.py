@@ -1,14 +1,5 @@
-"""The toy world: a synthetic reasoning task whose answer exists only in the model's own earlier thoughts, and
-the tiny Qwen2 model trained on it that ships in toy/ (model.load("toy")). Findings behind it: TOY-NOTES.md.
-
-Task ("chain + memo"). Prompt, pinned in the cache: `<bos> x0 o1 ... o16 <sep>` (P = 19 tokens). Thought:
-the chain x_i = (x_{i-1} + o_i) mod 10 for i = 1..16 with x4 written as its memo token `m<x4>` (the chain goes
-on from it), then `= X \\boxed{ Y } <eos>`: X = x4 recalled, Y = (X + x16) mod 10 the graded answer. Every
-trace is 22 tokens, so rows decode in lockstep without padding. Why a window cannot cheat: x4 is a 5-term
-modular sum of prompt digits that a 2-layer model does not recompute in one step, so once the memo token has
-left the window (budget P + 8: W = 8, m = 2, evicted before thought 10, recalled at thought 17) Y is a guess.
-The memo is a token of its own because the thought encoder pools evicted keys without their positions: what
-must be remembered has to be recognisable by its content (with a plain digit PTE learned nothing).
+"""The toy world's model and experiments: the tiny Qwen2 that ships in toy/ (model.load("toy")), trained on the toy
+task of data.py (its generator: draw_digits, encode, make_problems), and the studies run on it.
 
 Model: Qwen2, d 64, 2 layers, 4 query / 2 KV heads of 16, SwiGLU 192, qkv bias, tied embeddings, RoPE 1e4
 (~100k parameters, 0.4 MB fp32). Trained with model.Transformer itself on traces (loss on thought tokens only),
@@ -25,13 +16,14 @@ thought slots the window still shows memo j at its recall only for k <= 4, and n
 more to S. Its own model (vocabulary 108, 128 positions) is built by the sweep commands into runs/toy-memos/model;
 its adapters are distilled (GRPO's all-or-nothing reward is too sparse).
 
-    python toy.py build [--steps 1200] [--seed 0] [--out toy]   rebuild the shipped model (about 1 minute on one core)
-    python toy.py check [--out toy]                             held-out accuracy, full cache and window at P + 8
-    python toy.py compare [--seeds 0,1,2] [--rows pte,window]   the comparison: base full/window, LoRA_c, PTE, its
-                                 ablations (GRPO) and PTE distillation; table + docs/toy-compare-reward.svg
-    python toy.py lengths [--ks 1,2,4,6] [--steps 100]          recall against trace length; docs/toy-lengths.svg
-    python toy.py capacity [--ks 6] [--ranks 4,8,16,32]         memos S holds against its rank; docs/toy-capacity.svg
-    python toy.py probe [--adapter DIR]                         how well a linear probe reads the memo from S
+    python experiments/toy.py build [--steps 1200] [--seed 0] [--out toy]  rebuild the shipped model (one core)
+    python experiments/toy.py check [--out toy]           held-out accuracy, full cache and window at P + 8
+    python experiments/toy.py compare [--seeds 0,1,2] [--rows pte,window]  the comparison: base full/window, LoRA_c,
+        PTE, its ablations (GRPO) and PTE distillation; table + docs/toy-compare-reward.svg
+    python experiments/toy.py lengths [--ks 1,2,4,6] [--steps 100]  recall against trace length; docs/toy-lengths.svg
+    python experiments/toy.py capacity [--ks 6] [--ranks 4,8,16,32]  memos S holds against its rank;
+        docs/toy-capacity.svg
+    python experiments/toy.py probe [--adapter DIR]       how well a linear probe reads the memo from S
 The experiment commands are resumable: rerun the same command and finished runs come from the results.json ledger.
 A build is deterministic for a given seed, thread count and torch version (other versions train other weights).
 """
@@ -45,69 +37,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import grade
-from cache import MaskedForward, evict_count, eviction_steps
-from data import atomic_write
-from model import TOY_DIR, Transformer, config_from_hf, load, load_tokenizer
-from rollout import CachePolicy, generate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the core modules
+import grade  # noqa: E402
+from cache import MaskedForward, evict_count, eviction_steps  # noqa: E402
+from data import (DIGIT, EVAL_SEED, ID, MEMO_AT, PROMPT_LEN, SPECIALS, TRACE_LEN, VALID_SEED,  # noqa: E402
+                  VOCAB, atomic_write, draw_digits, encode, make_problems)
+from model import TOY_DIR, Transformer, config_from_hf, load, load_tokenizer  # noqa: E402
+from rollout import CachePolicy, generate  # noqa: E402
 
-N_OPS, MEMO_AT = 16, 4  # chain length; the step whose digit is written as a memo token and recalled at the end
-SPECIALS = ["<pad>", "<bos>", "<sep>", "<eos>"]  # dropped by decode(skip_special_tokens=True)
-VOCAB = SPECIALS + ["=", "\\boxed{", "}"] + [str(d) for d in range(10)] + [f"m{d}" for d in range(10)]
-ID = {tok: i for i, tok in enumerate(VOCAB)}
-DIGIT, MEMO = ID["0"], ID["m0"]  # digit d is token DIGIT + d, its memo MEMO + d
-PROMPT_LEN, TRACE_LEN = N_OPS + 3, N_OPS + 6  # 19, 22
-EVAL_SEED, VALID_SEED = 1_000_003, 1_000_004  # held-out test and validation problems; training draws from --seed
-
-# train.py's defaults for this model folder (train.py reads train_defaults.json in any model folder that has one).
-# Its data sets are generated (data.GENERATED): toy-train, toy-eval. Measured (256 held-out problems, 1 thread; README,
-# "Why GRPO stalled"): the encoder's S holds the memo from initialisation (a linear probe reads it at 1.00), so a stall
-# is the readout's. With LoRA's init (B = 0) the first updates go to B, which reads one random projection S A x of S,
-# alike at every position: the chain broke (KL to the base up to 0.27) and seed 2 stayed at chance for 160 steps.
-# With A = 0 and B ~ N(0, 0.03^2) (b_init) the first updates go to A, whose gradient S^T B^T g x^T reads all of S and
-# only where the reward speaks, and the encoder may learn at the adapters' rate (held-out mean of 3 seeds 0.923,
-# against 0.879 at 0.3 of it and 0.841 at a tenth). Also: B's scale alpha / r = 8, only the output projections
-# adapted (q/k updates broke the chain), beta 0.05; micro_batch 256: one backward pass a step; checkpoint false:
-# no memory to save, and the recompute made score and backward 1.8x slower; threads 1: tiny matrices, more threads
-# only add synchronisation (7x slower on a busy machine).
+# train.py's defaults for this model folder (train.py reads train_defaults.json in any model folder that has one); its
+# data sets are generated (data.GENERATED: toy-train, toy-eval). Why these values (measured in docs/toy.md): the
+# encoder's S holds the memo from initialisation, so a stall is the readout's. With LoRA's init (B = 0) the first
+# updates go to B, which reads one random projection S A x of S, alike at every position, and the chain broke; with
+# A = 0 and B random (b_init) they go to A, whose gradient S^T B^T g x^T reads all of S and only where the reward
+# speaks, and the encoder learns best at the adapters' rate. Also: alpha / r = 8; only the output projections adapted
+# (q/k updates broke the chain); a KL anchor (beta); one backward pass a step (micro_batch); no gradient checkpoints
+# (no memory to save, the recompute only costs time); one thread (tiny matrices: more threads only synchronise).
 TOY_DEFAULTS = json.loads((TOY_DIR / "train_defaults.json").read_text())
-
-
-def draw_digits(n, generator, n_ops=N_OPS):
-    """(n, n_ops + 1) uniform digits: x0, then the operands o1..o_n."""
-    return torch.randint(0, 10, (n, n_ops + 1), generator=generator)
-
-
-def encode(digits):
-    """digits (n, 17) -> prompt ids (n, 19) and the full-cache trace ids (n, 22)."""
-    n, x = len(digits), digits.cumsum(1) % 10  # x0..x16 (n, 17)
-    tok = lambda name: torch.full((n, 1), ID[name])
-    steps = DIGIT + x[:, 1:]  # (n, 16) x1..x16
-    steps[:, MEMO_AT - 1] = MEMO + x[:, MEMO_AT]  # x4 as its memo token
-    recall = x[:, MEMO_AT:MEMO_AT + 1]  # (n, 1)
-    answer = (recall + x[:, -1:]) % 10  # (n, 1)
-    prompt = torch.cat([tok("<bos>"), DIGIT + digits, tok("<sep>")], 1)
-    trace = torch.cat([steps, tok("="), DIGIT + recall, tok("\\boxed{"), DIGIT + answer, tok("}"), tok("<eos>")], 1)
-    return prompt, trace
-
-
-def make_problems(n, seed):
-    """n problems {"id", "problem", "answer"} (answer: Y as a string), deterministic in the seed."""
-    prompt, trace = encode(draw_digits(n, torch.Generator().manual_seed(seed)))
-    return [dict(id=f"toy-{seed}-{i}", problem=" ".join(VOCAB[t] for t in p), answer=VOCAB[t[-3]])
-            for i, (p, t) in enumerate(zip(prompt.tolist(), trace.tolist()))]
-
-
-def training_problems(seed):
-    """The data set toy-train (data.GENERATED): 20,000 problems drawn from the run's seed, a pool that does not
-    depend on --steps."""
-    return make_problems(20_000, seed)
-
-
-def held_out_problems(seed=None):
-    """The data set toy-eval: 4,096 problems from EVAL_SEED whatever the run's seed; the first n of them are
-    make_problems(n, EVAL_SEED)."""
-    return make_problems(4096, EVAL_SEED)
 
 
 # The k-memo family (length and capacity sweeps): chain of n = 4k steps, the step 4j - 3 written as a memo token of
@@ -509,7 +455,7 @@ def main(argv=None):
     if args.steps < 1 or args.tries < 1 or args.distill_steps < 1:
         parser.error("--steps, --distill-steps and --tries must be >= 1")
     torch.set_num_threads(args.threads)
-    command = shlex.join(["python", "toy.py", *(argv or sys.argv[1:])])
+    command = shlex.join(["python", "experiments/toy.py", *(argv or sys.argv[1:])])
     if args.command == "compare":
         rows = args.rows.split(",") if args.rows else None
         return compare(seeds, args.steps, args.distill_steps, args.threads, command, rows, plots=args.plots)
@@ -532,7 +478,7 @@ def main(argv=None):
         print(f"built {args.out} in {time.perf_counter() - t0:.0f} s (seed {seed}, {args.steps} steps, "
               f"{args.threads} thread(s))")
     elif not (args.out / "config.json").exists():
-        raise SystemExit(f"no model at {args.out}: build it with  python toy.py build")
+        raise SystemExit(f"no model at {args.out}: build it with  python experiments/toy.py build")
     check(args.out)
 
 

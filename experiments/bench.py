@@ -31,10 +31,10 @@ Table 2's subprocesses run with glibc's mmap threshold fixed at 128 KiB (MALLOC_
 sliding default the heap keeps every segment's freed activations and the RSS grows with the number of segments,
 whatever they hold. Table 1 keeps the default (a fixed threshold adds page faults to every decode step).
 
-  python bench.py --quick                                    # about a minute: small lengths and batch
-  python bench.py                                            # tables 1 and 2: SmolLM2-135M, fp32, CPU (long)
-  python bench.py --gpu                                      # table 3 on cuda
-  python bench.py --gpu --device cpu --gpu-model smollm2-135m --quick   # dry run of --gpu on the CPU (fp32)
+  python experiments/bench.py --quick                                    # about a minute: small lengths and batch
+  python experiments/bench.py                                            # tables 1 and 2: SmolLM2-135M, fp32, CPU (long)
+  python experiments/bench.py --gpu                                      # table 3 on cuda
+  python experiments/bench.py --gpu --device cpu --gpu-model smollm2-135m --quick   # dry run of --gpu on the CPU (fp32)
 """
 import argparse
 import json
@@ -43,10 +43,12 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from model import resolve
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the core modules
+from model import resolve  # noqa: E402
 
 # full-plain: `full` through F.linear, without the blocked weights; -compiled: through rollout.compiled_step;
 # lora_c: the paper's LoRA_c, `window` with the same adapter as pte's but S = I, so pte / lora_c is the encoder's cost
@@ -238,7 +240,7 @@ def floor_tokens_per_s(a, policy, n, weight_bytes, kv_bytes_per_slot, bandwidth)
 
 
 def header(title, a, lines, cols):
-    print(f"\n### {title}\ncommand: python bench.py {' '.join(map(shlex.quote, sys.argv[1:]))}")
+    print(f"\n### {title}\ncommand: python experiments/bench.py {' '.join(map(shlex.quote, sys.argv[1:]))}")
     print(f"settings: {a.model_name} ({a.dtype}, {a.device}{', random weights' if a.gpu else ''}), batch {a.batch}, "
           f"prompt {a.prompt_len} tokens, cache budget {a.budget}, evict 0.25, threads {a.threads}, "
           f"torch {torch.__version__}")
