@@ -378,15 +378,17 @@ def test_a_row_decodes_alone_as_in_any_batch(tiny, policy):
 
 
 def test_stopped_rows_stay_pad_until_the_batch_stops(tiny):
-    """Whether every row has stopped is read every DONE_EVERY steps: the rows that stopped before decode pads,
-    masked, and the completion is trimmed to the last step any row was still running."""
-    eos = early_stopping_eos(tiny, "window", None, 1.0)
-    roll = run(tiny, "window", eos_ids=[eos], max_new=MAX_NEW)
+    """Whether every row has stopped is read every DONE_EVERY steps: a row that stopped decodes pads, masked, until
+    the next read, and the completion is trimmed to the last step any row ran. Each row stops here on an EOS among
+    its first 5 tokens (the fifth tokens of a run without EOS, the same draws), well before a read."""
+    free = run(tiny, "window")
+    eos = sorted({int(row[4]) for row in free.tokens})
+    roll = run(tiny, "window", eos_ids=eos)
     lengths = roll.mask.sum(1)
-    assert roll.tokens.shape[1] == lengths.max() and lengths.min() < lengths.max()
+    assert not roll.truncated.any() and roll.tokens.shape[1] == lengths.max() <= 5 < rollout.DONE_EVERY
     for row, n in enumerate(lengths.tolist()):
-        assert roll.mask[row, :n].all() and (roll.tokens[row, n:] == 0).all()
-        assert n == roll.tokens.shape[1] or roll.tokens[row, n - 1] == eos
+        assert torch.equal(roll.tokens[row, :n], free.tokens[row, :n]) and int(roll.tokens[row, n - 1]) in eos
+        assert roll.mask[row, :n].all() and not roll.mask[row, n:].any() and (roll.tokens[row, n:] == 0).all()
 
 
 class OpLog(TorchDispatchMode):
