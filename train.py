@@ -34,7 +34,7 @@ import signal
 import sys
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -46,13 +46,13 @@ from tqdm import tqdm
 
 import data
 import grade
-from cache import MIN_THOUGHT_SLOTS
+from cache import MIN_THOUGHT_SLOTS, evict_count
 from data import Stop, device_name, number
 from encoder import TARGETS, Adapter, AdapterConfig, load_adapter, param_groups, save_adapter, trainable
 from eval import evaluate, token_kl
 from grpo import group_advantages, grpo_loss
-from model import load, read_config, resolve
-from rollout import CachePolicy, Rollout, generate, score
+from model import ONEDNN, REGISTRY, Transformer, config_from_hf, load, read_config, resolve
+from rollout import LOGIT_CHUNK, CachePolicy, Rollout, generate, score
 
 PAPER_DEFAULTS = dict(policy="pte", cache=1024, evict=0.25, rank=32, globals=32, targets="q,k,v,o", lr=1e-5,
                       grad_clip=1.0, max_new=3072, group=8, prompts_per_step=64, steps=200, temperature=1.0, beta=0.0,
@@ -60,8 +60,9 @@ PAPER_DEFAULTS = dict(policy="pte", cache=1024, evict=0.25, rank=32, globals=32,
                       data="math_train")
 SHAPE_KEYS = ("model", "policy", "rank", "globals", "targets")  # a checkpoint must agree on these to be resumed
 SAFE_ON_RESUME = ("steps", "save_every", "eval_every", "log_samples_every", "micro_batch", "rollout_batch", "threads",
-                  "device", "data_dir", "compile", "checkpoint")  # how long, how often, on what: not what is learned
-NOT_SETTINGS = ("resume", "out")  # where the run lives, not how it runs
+                  "device", "data_dir", "compile", "checkpoint",
+                  "prefill_rows")  # how long, how often, on what: not what is learned
+NOT_SETTINGS = ("resume", "out", "plan")  # where the run lives, not how it runs
 RECORDS = ("cache_policy", "set_aside", "resumed")  # what settings.json records beside the flags
 BAD_STEPS = 3  # non-finite steps in a row that stop the run
 
@@ -119,6 +120,8 @@ def parser():
     a("--temperature", type=number(float, 0), help="sampling temperature of the rollouts")
     a("--top-p", type=number(float, 0, 1, above=True), default=1.0, help="nucleus sampling of the rollouts")
     a("--beta", type=number(float, 0), help="k3 KL coefficient to the base model (adapter off, same cache policy)")
+    a("--kl-estimator", default="k3", choices=["k3", "k3-ratio"], help="the KL penalty's estimator: k3's gradient is "
+      "that of KL(ref || pi); k3-ratio (k3 times pi / pi_old)'s that of KL(pi || ref) (grpo.py)")
     a("--loss", choices=["token-mean", "seq-mean", "constant"], help="loss aggregation (DAPO, GRPO, Dr. GRPO)")
     a("--no-std", action="store_true", help="advantages r - mean without std normalisation (Dr. GRPO)")
     a("--checkpoint", action=argparse.BooleanOptionalAction, default=True, help="score with gradient checkpoints "
@@ -148,6 +151,11 @@ def parser():
       help="decode through the compiled step (rollout.compiled_step; default: on cuda, off on the CPU)")
     a("--log-samples-every", type=number(int, 0), default=10,
       help="steps between sample completions written to samples.jsonl")
+    a("--prefill-rows", type=number(int, 1), default=32, help="rows of one prefill forward in generate: its "
+      "activations grow with rows x prompt length")
+    a("--plan", nargs="?", const=True, type=number(float, 0, above=True), help="print the memory plan of each phase "
+      "for these flags and exit, loading no weights: for this machine's device, or --plan GIB for a cuda device of "
+      "GIB GiB (a run refuses to start when its plan exceeds the device's memory)")
     return p, builtin
 
 
@@ -224,8 +232,10 @@ def parse_args(argv=None):
     given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
     if args.resume:  # a flag newer than the run keeps its built-in default
         defaults = {**builtin, **resumed_settings(p, builtin, Path(args.resume), given)}
-    else:
-        defaults = {**builtin, **PAPER_DEFAULTS, **model_defaults(p, builtin, args.model or builtin["model"])}
+    else:  # --plan of a registry name: its shapes alone (a Hugging Face repository holds no train_defaults.json)
+        shapes_only = args.plan and REGISTRY.get(args.model, (None, None))[1] is not None
+        defaults = {**builtin, **PAPER_DEFAULTS,
+                    **({} if shapes_only else model_defaults(p, builtin, args.model or builtin["model"]))}
     for k, v in defaults.items():
         if k in vars(args) and k not in NOT_SETTINGS and getattr(args, k) is None:
             setattr(args, k, v)
@@ -237,7 +247,8 @@ def parse_args(argv=None):
         p.error("--group 1 gives every rollout advantage 0 (no learning signal): use 2 or more")
     if args.objective == "grpo" and args.temperature == 0:
         p.error("--temperature 0: greedy rollouts of a group are all the same (no learning signal)")
-    check_model_bounds(p, args)
+    if not (args.plan and REGISTRY.get(args.model, (None, None))[1] is not None):
+        check_model_bounds(p, args)
     return args
 
 
@@ -552,7 +563,7 @@ class Objective(nn.Module):
                      use_checkpoint=a.checkpoint)  # (b, T)
         old = logp.detach() if old_logp is None else old_logp
         loss, stats = grpo_loss(logp, old, adv, ro.mask, ref_logp, a.beta, how=a.loss, max_new=a.max_new, n_rows=n_rows,
-                                n_tokens=n_tokens)
+                                n_tokens=n_tokens, kl_estimator=a.kl_estimator)
         return loss, stats, logp.detach()
 
 
@@ -863,6 +874,257 @@ def train(args, problems, stop):
     return run.out
 
 
+# ---------------------------------------------------------------------------------------------------- the memory plan
+# The peak memory of each phase of a step, from the model's shapes and the flags alone (nothing is loaded but the
+# config), so that a run that cannot fit is refused before it starts. docs/method.md §9 derives each term; e is the
+# model dtype's bytes, kv_tok = 2 L d_kv e the keys and values of one token over all layers, R the rows of one
+# generate call, P the longest prompt, T = --max-new, b = --micro-batch, n the longest segment score replays.
+
+CUDA_CONTEXT_BYTES = 2**30  # the CUDA context and the libraries' workspaces: device memory the allocator never counts
+
+
+@dataclass
+class MemorySettings:
+    """One rank's step as the memory plan sees it."""
+    policy: str = "pte"  # pte | window | full | global-0 | global-only
+    objective: str = "grpo"
+    cache: int = 1024
+    evict: float = 0.25
+    max_new: int = 3072
+    longest_prompt: int = 1024 - MIN_THOUGHT_SLOTS  # the cache's rows, the prefill and `full` are sized by it
+    shortest_prompt: int = 1  # the widest window, hence the longest segment of score
+    rows: int = 512  # rollouts of one step on this rank
+    rollout_rows: int = 128  # rows of one generate call (--rollout-batch)
+    prefill_rows: int = 32  # rows of one prefill forward
+    micro_batch: int = 8
+    checkpoint: bool = True
+    truncate: bool = False
+    beta: float = 0.0
+    adapter: AdapterConfig | None = field(default_factory=AdapterConfig)  # None: the bare model
+    device: str = "cuda"
+    dtype_bytes: int = 2
+    optimizer: bool = True  # AdamW's states stay between steps (bench's rollouts have none)
+    packed: bool = False  # CPU fp32: generate holds oneDNN's blocked copy of the linears (model.packed_weights)
+    runtime: int = CUDA_CONTEXT_BYTES  # what the process holds before any weight
+
+
+def plan_counts(cfg, adapter_cfg):
+    """(model parameters, of which in nn.Linear weights (lm_head counted even when tied), adapter parameters),
+    counted on the meta device: no memory, no weights."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+        adapter = Adapter(cfg, adapter_cfg) if adapter_cfg is not None else None
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return (sum(p.numel() for p in model.parameters()), linear,
+            sum(p.numel() for p in adapter.parameters()) if adapter is not None else 0)
+
+
+def _layer_bytes(cfg, s, rows, n, ctx, part):
+    """One decoder layer over n query tokens of each of `rows` rows against ctx key slots a row.
+    "forward": its largest set of live activations without autograd (the attention's or the MLP's, and the mask);
+    "saved": what autograd keeps for its backward (the norms' fp32 inputs, the adapters' inputs, q and the attention
+    output, the MLP's three F-wide tensors; the keys, values and mask the attention kernel read);
+    "backward": the saved and the gradients in flight (the MLP's, the norms', the keys' and values').
+    On cuda attend_masked expands the KV heads: H heads of keys and values, one copy."""
+    e, d, F, q_dim, kv = s.dtype_bytes, cfg.dim, cfg.ffn_dim, cfg.n_heads * cfg.head_dim, cfg.kv_dim
+    mlp_adapted = bool(s.adapter) and bool({"gate", "up", "down"} & set(s.adapter.targets))
+    heads_dim = q_dim if s.device == "cuda" else kv
+    tokens, mask = rows * n, rows * n * ctx * e
+    if part == "forward":
+        attention = 2 * d + 3 * q_dim + 2 * kv + 2 * (heads_dim - kv) * (s.device == "cuda")
+        return tokens * max(attention, 2 * d + (3 + mlp_adapted) * F) * e + mask
+    saved = (tokens * (2 * d * max(e, 4) + (d + 3 * q_dim + 3 * F + mlp_adapted * (d + F)) * e)
+             + rows * ctx * 2 * heads_dim * e + mask)
+    if part == "saved":
+        return saved
+    return saved + tokens * (3 * F * e + 2 * d * 4) + rows * ctx * 2 * heads_dim * e
+
+
+def _score_bytes(cfg, s):
+    """One micro-batch's score and backward, or the pass without autograd before it (the reference's under --beta,
+    the teacher's under distill) where that holds more."""
+    e, b, T, V, P, L = s.dtype_bytes, s.micro_batch, s.max_new, cfg.vocab_size, s.longest_prompt, cfg.n_layers
+    kv_tok, distill = 2 * L * cfg.kv_dim * e, s.objective == "distill"
+    n = evict_count(max(s.cache - s.shortest_prompt, MIN_THOUGHT_SLOTS), s.evict)  # segments: at most the widest m
+    ctx = P + T if s.policy == "full" else s.cache + 2 * n  # a segment's keys: prompt, window, the last m, its own
+    kept = b * (P + T if s.policy == "full" or not s.truncate else ctx) * kv_tok  # exact: every segment's, for backward
+    per_logit = e + 8 + 4 * (e < 4) + (e + 16) * distill  # logits, fp32 log-softmax, its gradients; the teacher's
+    logits = b * min(LOGIT_CHUNK, n) * V * per_logit  # one checkpointed chunk of positions
+    teacher = b * T * cfg.dim * e * distill  # its final hidden states, kept for the student's chunks
+    before = 0  # the pass without autograd: its keys and values, a layer, a chunk of logits
+    if distill or s.beta:
+        before = (b * (P + T if distill else ctx) * kv_tok + _layer_bytes(cfg, s, b, n, ctx, "forward")
+                  + b * min(LOGIT_CHUNK, n) * V * (e + 8) + teacher)
+    fold = L * b * n * cfg.kv_dim * 4 * 3 if s.policy in ("pte", "global-0") else 0  # the encoder's fp32 inputs
+    grads = 0 if s.truncate else b * ctx * kv_tok  # gradients of the keys and values a segment read
+    if not s.checkpoint:  # every activation of every segment (of one segment under --truncate) until backward
+        segments = 1 if s.truncate else -(-(P + T) // n)
+        mean_ctx = P + T // 2 if s.policy == "full" else ctx
+        saved = segments * (L * _layer_bytes(cfg, s, b, n, mean_ctx, "saved") + fold + b * n * V * 4)
+        in_flight = _layer_bytes(cfg, s, b, n, ctx, "backward") - _layer_bytes(cfg, s, b, n, ctx, "saved")
+        return max(before, kept + grads + saved + in_flight + teacher)
+    segment = L * b * n * cfg.dim * e + b * n * kv_tok + fold  # each layer's input, the new keys and values
+    return max(before, kept + grads + segment + max(_layer_bytes(cfg, s, b, n, ctx, "backward"), logits) + teacher)
+
+
+def memory_plan(cfg, s: MemorySettings):
+    """Bytes of each phase of a step (docs/method.md §9): what stays (runtime, weights, adapter and AdamW states) and
+    what each phase adds while it runs. plan_peaks adds them up."""
+    e, V = s.dtype_bytes, cfg.vocab_size
+    params, linear, adapter = plan_counts(cfg, s.adapter)
+    kv_tok = 2 * cfg.n_layers * cfg.kv_dim * e
+    R, Rp, P, T = min(s.rollout_rows, s.rows), min(s.prefill_rows, s.rollout_rows, s.rows), s.longest_prompt, s.max_new
+    slots = P + T if s.policy == "full" else s.cache
+    m = evict_count(max(s.cache - s.shortest_prompt, MIN_THOUGHT_SLOTS), s.evict)
+    fold = R * m * cfg.kv_dim * (2 * e + 24) if s.policy not in ("window", "full") else 0  # gathered, un-rotated
+    attend = R * cfg.n_heads * slots * (2 * e + 8) + R * slots * e  # decode: scores, their fp32 softmax, the mask
+    return dict(
+        runtime=s.runtime,
+        weights=params * e,
+        adapter=adapter * 4 * (3 if s.optimizer else 1),  # fp32 parameters and AdamW's two states
+        packed_weights=linear * 4 if s.packed else 0,
+        rollout_cache=R * slots * (kv_tok + 8) + R * T * 13,  # keys, values, slot positions; tokens, log-probs, mask
+        prefill=_layer_bytes(cfg, s, Rp, P, P, "forward") + R * V * e,  # one layer at a time; the last logits
+        decode_step=R * V * (e + 16) + max(fold, attend),  # logits and sample's fp32 passes; fold or attention
+        step_rollouts=s.rows * (P * 8 + T * 13),  # the step's rollouts, kept while it trains
+        score=_score_bytes(cfg, s),
+        gradients=adapter * 4,
+        optimizer_step=adapter * 4 * 2 if s.device == "cuda" else 0)  # foreach AdamW's temporaries
+
+
+def plan_peaks(plan):
+    """The peak of each part of a step and of the whole (phases run one after another; what stays adds to each)."""
+    stays = plan["runtime"] + plan["weights"] + plan["adapter"]
+    rollout = stays + plan["packed_weights"] + plan["rollout_cache"] + max(plan["prefill"], plan["decode_step"])
+    score = stays + plan["step_rollouts"] + plan["gradients"] + plan["score"]
+    optimizer = stays + plan["gradients"] + plan["optimizer_step"]
+    return dict(rollout=rollout, score=score, optimizer=optimizer, total=max(rollout, score, optimizer))
+
+
+def plan_model(name):
+    """(ModelConfig, bytes per element of the checkpoint's dtype) without loading a weight: a registry name's shapes,
+    else the folder's config.json."""
+    if REGISTRY.get(name, (None, None))[1] is not None:
+        return config_from_hf(REGISTRY[name][1]), 2  # the registry's models ship in bf16
+    folder = resolve(name)
+    hf = json.loads((folder / "config.json").read_text())
+    return read_config(folder), 4 if (hf.get("torch_dtype") or hf.get("dtype")) == "float32" else 2
+
+
+def plan_settings(args, device, dtype_bytes, longest_prompt=None, shortest_prompt=1):
+    """The MemorySettings of a run's flags on `device` (a torch.device); prompts default to the longest the cache
+    admits (`--plan` reads no data) and a one-token shortest."""
+    cuda = device.type == "cuda"
+    e = dict(bf16=2, fp16=2, fp32=4).get(args.dtype, dtype_bytes if cuda else 4)  # auto: the checkpoint's on cuda
+    try:
+        resident = _status_kib("VmRSS")[0] * 1024
+    except (OSError, StopIteration):
+        resident = 0
+    return MemorySettings(
+        policy=args.policy, objective=args.objective, cache=args.cache, evict=args.evict, max_new=args.max_new,
+        longest_prompt=longest_prompt or args.cache - MIN_THOUGHT_SLOTS, shortest_prompt=shortest_prompt,
+        rows=args.prompts_per_step * args.group // int(os.environ.get("WORLD_SIZE", 1)),
+        rollout_rows=args.rollout_batch or args.prompts_per_step * args.group, prefill_rows=args.prefill_rows,
+        micro_batch=args.micro_batch, checkpoint=args.checkpoint, truncate=args.truncate, beta=args.beta,
+        adapter=AdapterConfig({"global-0": "global-0", "global-only": "global-only", "pte": "pte"}.get(
+            args.policy, "lora"), args.rank, args.alpha, args.globals, args.targets.split(",")),
+        device=device.type, dtype_bytes=e, packed=not cuda and e == 4 and ONEDNN,
+        runtime=CUDA_CONTEXT_BYTES if cuda else resident)
+
+
+def plan_device(args):
+    """The device a run of these flags trains on (set_up's choice, before any process group)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device == torch.device("cuda") else device
+
+
+def device_memory(device):
+    """Bytes a run may use: a cuda device's total memory; on the CPU the available RAM and what this process holds
+    already (the plan's runtime counts it). None where the system does not say."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        available = int(next(line for line in meminfo if line.startswith("MemAvailable:")).split()[1])
+        return (available + _status_kib("VmRSS")[0]) * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def plan_advice(plan, s):
+    """The phase at the peak, and the flags that shrink it."""
+    peaks = plan_peaks(plan)
+    if peaks["total"] == peaks["rollout"]:
+        if plan["prefill"] > max(plan["decode_step"], plan["rollout_cache"]):
+            return "prefill", "lower --prefill-rows (rows of one prefill forward)"
+        return "rollout", "lower --rollout-batch (rows of one generate call: the cache grows with it)"
+    if peaks["total"] == peaks["score"]:
+        fixes = ["lower --micro-batch"] + ["score with --checkpoint"] * (not s.checkpoint) + \
+                ["use --truncate (memory fixed by --cache)"] * (not s.truncate and s.policy != "full")
+        return "score", ", or ".join(fixes)
+    return "optimizer step", "lower --rank or fewer --targets"
+
+
+def print_plan(cfg, s, memory=None, where=""):
+    """The plan as a table: each phase, what it holds, its GiB, and the peak while it runs."""
+    plan, gib = memory_plan(cfg, s), lambda x: f"{x / 2**30:.2f}"
+    peaks = plan_peaks(plan)
+    R, Rp, P, T = min(s.rollout_rows, s.rows), min(s.prefill_rows, s.rollout_rows, s.rows), s.longest_prompt, s.max_new
+    stays = plan["runtime"] + plan["weights"] + plan["adapter"]
+    below = stays + plan["packed_weights"] + plan["rollout_cache"]
+    mode = (("--truncate" if s.truncate else "exact") + ", " + ("checkpointed" if s.checkpoint else "--no-checkpoint"))
+    rows = [("runtime", "CUDA context, workspaces" if s.device == "cuda" else "this process before any weight",
+             plan["runtime"], None),
+            ("weights", f"{s.dtype_bytes}-byte elements", plan["weights"], None),
+            ("adapter", "fp32 parameters and AdamW's two states", plan["adapter"], stays),
+            ("packed weights", "oneDNN's blocked copy while generate runs", plan["packed_weights"], None),
+            ("rollout cache", f"{R} rows x {P + T if s.policy == 'full' else s.cache} slots, the outputs",
+             plan["rollout_cache"], below),
+            ("prefill", f"{Rp} rows x {P} tokens at a time", plan["prefill"], below + plan["prefill"]),
+            ("decode step", f"{R} rows: logits, sampling, fold or attention", plan["decode_step"],
+             below + plan["decode_step"]),
+            ("score micro-batch", f"{s.micro_batch} rows x {P} + {T} tokens, {mode}, {s.objective}",
+             plan["score"] + plan["step_rollouts"], peaks["score"]),
+            ("optimizer step", "gradients, AdamW's temporaries", plan["gradients"] + plan["optimizer_step"],
+             peaks["optimizer"])]
+    print(f"memory plan{where}: policy {s.policy}, {s.rows} rollouts of up to {T} tokens on this rank, generate "
+          f"calls of {R} rows, prompts up to {P} tokens\n\n| phase | holds | GiB | peak while it runs, GiB |\n"
+          "|---|---|---|---|")
+    for name, what, size, peak in rows:
+        if size:
+            print(f"| {name} | {what} | {gib(size)} | {gib(peak) if peak else ''} |")
+    phase, fix = plan_advice(plan, s)
+    verdict = "" if memory is None else f" of {gib(memory)} GiB: " + ("fits" if peaks["total"] <= memory else
+                                                                     f"does not fit; {fix}")
+    print(f"\ntotal peak {gib(peaks['total'])} GiB ({phase}){verdict}")
+    return plan
+
+
+def show_plan(args):
+    """--plan: print the plan for this machine's device, or for a cuda device of --plan GiB; load nothing."""
+    device = torch.device("cuda") if args.plan is not True else plan_device(args)
+    cfg, dtype_bytes = plan_model(args.model)
+    memory = args.plan * 2**30 if args.plan is not True else device_memory(device)
+    print_plan(cfg, plan_settings(args, device, dtype_bytes), memory, f" ({args.model} on {device.type})")
+
+
+def check_memory(args, prompt_ids):
+    """Before anything is written or loaded: refuse a run whose plan exceeds the device's memory, naming the flag
+    to change."""
+    device = plan_device(args)
+    memory = device_memory(device)
+    cfg, dtype_bytes = plan_model(args.model)
+    lengths = [len(ids) for ids in prompt_ids]
+    s = plan_settings(args, device, dtype_bytes, max(lengths), min(lengths))
+    plan = memory_plan(cfg, s)
+    total = plan_peaks(plan)["total"]
+    if memory is not None and total > memory:
+        phase, fix = plan_advice(plan, s)
+        raise ValueError(f"the memory plan needs {total / 2**30:.1f} GiB at its peak ({phase}), more than the "
+                         f"{memory / 2**30:.1f} GiB of {device}: {fix}; `python train.py ... --plan` prints each phase")
+    return plan
+
+
 # ---------------------------------------------------------------------------------------------------- memory, curve
 
 def _status_kib(*keys):
@@ -931,11 +1193,14 @@ def main(argv=None):
     with data.stop_on_signals() as stop, ExitStack() as held:
         try:
             args = parse_args(argv)
+            if args.plan:
+                return show_plan(args)
             early = rank == 0 and Path(args.resume or args.out).exists()  # its holder can be refused now
             if early:
                 held.enter_context(claim(args))
                 args = parse_args(argv) if args.resume else args  # under the lock: a run just ended may have moved on
             problems = load_data(args, world)
+            check_memory(args, [p["prompt_ids"] for p in problems.train])  # before anything is written or loaded
             if rank == 0 and not early:  # a new folder is made only once the data passed its checks
                 held.enter_context(claim(args))
             return train(args, problems, stop)

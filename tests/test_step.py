@@ -155,3 +155,23 @@ def test_distillation_teacher_keeps_hidden_states_not_logits(tiny):
     logits = [s for s in shapes.seen if len(s) == 3 and s[0] == B and s[2] == V]
     assert T > LOGIT_CHUNK and logits and max(n for _, n, _ in logits) <= LOGIT_CHUNK, logits
     assert (B, T, d) in shapes.seen
+
+
+def test_kl_estimator_reaches_the_loss(toy_step, monkeypatch):
+    """--kl-estimator k3-ratio: the loss gets it, the logged KL keeps its value (ratio 1), the step differs from k3's
+    (their gradients are those of KL(pi || ref) and KL(ref || pi): tests/test_grpo.py); the default stays k3."""
+    seen, real_loss = [], train.grpo_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["kl_estimator"])
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(train, "grpo_loss", spy)
+    sgd = lambda p: torch.optim.SGD(p, lr=1.0)  # noqa: E731
+    k3_stats, k3_moved, _ = step(toy_step, sgd, "--beta", "0.5")
+    assert set(seen) == {"k3"}
+    seen.clear()
+    ratio_stats, ratio_moved, _ = step(toy_step, sgd, "--beta", "0.5", "--kl-estimator", "k3-ratio")
+    assert set(seen) == {"k3-ratio"}
+    assert k3_stats["kl"] > 1e-4 and ratio_stats["kl"] == pytest.approx(k3_stats["kl"], rel=1e-5)
+    assert max((ratio_moved[k] - k3_moved[k]).abs().max().item() for k in k3_moved) > 1e-3
+    assert train.parse_args(["--model", "toy"]).kl_estimator == "k3"
