@@ -493,7 +493,8 @@ def stopped(run, signum, world):
 def roll_out(model, prompts, policy, args, adapter, generator, pad_id):
     """`generate` in calls of at most --rollout-batch rows: the rows sorted by prompt length (less padding), chunked,
     and the chunks' Rollouts merged back into one in the original row order. One chunk: one call, rows as they are."""
-    kw = dict(temperature=args.temperature, top_p=args.top_p, generator=generator, compile=args.compile, pad_id=pad_id)
+    kw = dict(temperature=args.temperature, top_p=args.top_p, generator=generator, compile=args.compile, pad_id=pad_id,
+              prefill_rows=args.prefill_rows)
     if len(prompts) <= (args.rollout_batch or len(prompts)):  # None: a run from before the flag, one call
         ro = generate(model, prompts, policy, args.max_new, adapter, **kw)
         return Rollout(**{**vars(ro), "stats": dict(ro.stats, chunks=1)})

@@ -22,7 +22,8 @@
 Rollouts decode exactly `length` tokens (no EOS) from random prompts of `--prompt-len` tokens, timed over the whole
 `generate` call (prefill included) after a 4-token warm-up (which compiles the step for `-compiled`: the timed call
 may not compile again). `full` and `window` run the bare model, as transformers does; `pte` needs its adapter
-(rank 32 on q, k, v, o; B = 0, so it decodes the base model's tokens at the adapter's cost). The training step
+(rank 32 on q, k, v, o; B = 0, so it decodes the base model's tokens at the adapter's cost), and `lora_c` is `window`
+with the same adapter and S = I (the paper's LoRA_c): pte / lora_c is the thought encoder's cost. The training step
 scores a rollout built without decoding: random tokens, all valid, the eviction schedule that generate records (its
 cost does not depend on the token values).
 Memory: on the CPU the peak resident memory (VmHWM) of a fresh subprocess per configuration, counted from the
@@ -52,8 +53,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the core modules
 from model import resolve  # noqa: E402
 
-# full-plain: `full` through F.linear, without the blocked weights; -compiled: through rollout.compiled_step
-POLICIES = ("full", "window", "pte", "full-plain", "full-compiled", "window-compiled", "pte-compiled")
+# full-plain: `full` through F.linear, without the blocked weights; -compiled: through rollout.compiled_step;
+# lora_c: the paper's LoRA_c, `window` with the same adapter as pte's but S = I, so pte / lora_c is the encoder's cost
+POLICIES = ("full", "window", "lora_c", "pte", "full-plain", "full-compiled", "window-compiled", "lora_c-compiled",
+            "pte-compiled")
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
@@ -96,15 +99,18 @@ def rollout_ours(s, model):
     from encoder import Adapter, AdapterConfig
     from rollout import CachePolicy, generate
     name, _, variant = s["policy"].partition("-")
-    policy, compile = CachePolicy(name, s["budget"]), variant == "compiled"
-    adapter = Adapter(model.config, AdapterConfig("pte")).to(s["device"]) if name == "pte" else None
+    policy, compile = CachePolicy("window" if name == "lora_c" else name, s["budget"]), variant == "compiled"
+    adapter = (Adapter(model.config, AdapterConfig("pte" if name == "pte" else "lora")).to(s["device"])
+               if name in ("pte", "lora_c") else None)
     batch = prompts(s, model.config.vocab_size).tolist()
     warm = generate(model, batch, policy, 4, adapter, eos_ids=[], compile=compile)
     torch._dynamo.config.error_on_recompile = True  # the timed call reuses the warm-up's graph, whatever its length
+    cpu = time.process_time()
     out, seconds = timed(lambda: generate(model, batch, policy, s["length"], adapter, eos_ids=[], compile=compile),
                          s["device"])
     cfg = model.config
     return dict(seconds=seconds, tokens=int(out.mask.sum()), compile_s=warm.stats["first_step_s"],
+                cpu_s=time.process_time() - cpu,  # this process's CPU time, which other jobs inflate least
                 kv_bytes_per_slot=2 * cfg.n_layers * cfg.kv_dim * model.embed_tokens.weight.element_size())
 
 
@@ -279,14 +285,24 @@ def row(cells):
     print("| " + " | ".join(cells) + " |", flush=True)
 
 
+def ratio(slow, fast, device):
+    """Time a token of `slow` over `fast`: on the CPU their processes' CPU time, which other jobs on a shared machine
+    inflate least; on cuda wall time."""
+    key = "seconds" if device.startswith("cuda") else "cpu_s"
+    return (slow[key] / slow["tokens"]) / (fast[key] / fast["tokens"])
+
+
 def rollout_table(a, base, peer):
     peer = peer and "full" in a.policies  # the peer is a full cache: it stands beside ours `full`
+    encoder = "pte" in a.policies and "lora_c" in a.policies  # pte / lora_c: the thought encoder's cost
     impls = [("ours", p) for p in a.policies] + ([("transformers", "full")] if peer else [])
     compiled = [p for p in a.policies if p.endswith("-compiled")]
     mib, measured = [], []
     for i, n in enumerate(a.lengths):
-        r = {p if impl == "ours" else impl: spawn(dict(base, impl=impl, kind="rollout", policy=p, length=n))
-             for impl, p in impls}
+        runs = [{p if impl == "ours" else impl: spawn(dict(base, impl=impl, kind="rollout", policy=p, length=n))
+                 for impl, p in impls} for _ in range(a.repeats)]  # interleaved; the fastest of each counts
+        r = {k: min((run[k] for run in runs), key=lambda v: v.get("cpu_s" if a.device == "cpu" else "seconds",
+                                                                     v["seconds"])) for k in runs[0]}
         tps = {k: v["tokens"] / v["seconds"] for k, v in r.items()}
         if i == 0:
             w, kv = r[a.policies[0]]["weight_bytes"], r[a.policies[0]]["kv_bytes_per_slot"]
@@ -303,11 +319,14 @@ def rollout_table(a, base, peer):
                          "slot of the preallocated cache under the mask")
             header("Rollout: tokens/s and peak memory (MiB) against generation length", a, lines,
                    ["new tokens"] + [f"{k} tok/s" + (" (% of floor)" if k != "transformers" else "") for k in r]
-                   + (["full / transformers"] if peer else []) + [f"{k} compile s" for k in compiled]
+                   + (["full / transformers"] if peer else [])
+                   + ([f"pte / lora_c {'time' if a.device.startswith('cuda') else 'CPU time'}"] if encoder else [])
+                   + [f"{k} compile s" for k in compiled]
                    + [f"{k} MiB" for k in r])
         floor = {p: floor_tokens_per_s(a, p, n, w, kv, bandwidth) for p in a.policies}
         row([str(n)] + [f"{v:.1f}" + (f" ({100 * v / floor[k]:.0f}%)" if k in floor else "") for k, v in tps.items()]
             + ([f"{tps['full'] / tps['transformers']:.2f}"] if peer else [])
+            + ([f"{ratio(r['pte'], r['lora_c'], a.device):.3f}"] if encoder else [])
             + [f"{r[k]['compile_s']:.0f}" for k in compiled]
             + [f"{v['peak_mib']:.0f}" for v in r.values()])
         mib.append({k: v["peak_mib"] for k, v in r.items()})
@@ -508,7 +527,8 @@ def part_smoke(s):
     for p, pol, ad in ((prompts[:1], policy, adapter), (prompts[1:][::-1], CachePolicy("pte", policy.budget + 8),
                                                           adapter), (prompts[:3], CachePolicy("window", 64), None)):
         run(True, p, pol, ad)
-    recompiles = counters["stats"]["unique_graphs"] - first
+    # a recompile is a graph whose guards failed; the call without an adapter compiles a variant of its own
+    recompiles = sum(map(len, torch._dynamo.utils.guard_failures.values()))
     logp = score(model, compiled, policy, adapter)  # (B, T)
     (logp * compiled.mask).sum().backward()
     grads = [p.grad for p in adapter.parameters() if p.grad is not None]
@@ -669,10 +689,13 @@ def main():
     ap.add_argument("--prompts", type=int, default=None, help="table 3: prompts a step (default 4; --quick 2)")
     ap.add_argument("--group", type=int, default=None, help="table 3: rollouts a prompt (default 8; --quick 2)")
     ap.add_argument("--max-new", type=int, default=None, help="table 3: rollout token limit (default 2048; --quick 64)")
-    ap.add_argument("--policies", default="full,full-compiled,window,pte,pte-compiled", help="table 1's policies "
-                    "(transformers runs beside full; full-plain: full through F.linear, to measure "
+    ap.add_argument("--policies", default="full,full-compiled,window,lora_c,pte,pte-compiled",
+                    help="table 1's policies (transformers runs beside full; lora_c: window with pte's adapter at "
+                    "S = I, the paper's LoRA_c; full-plain: full through F.linear, to measure "
                     "model.packed_weights; -compiled: through the compiled decode step)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every subprocess")
+    ap.add_argument("--repeats", type=int, default=1, help="table 1: runs of each configuration, interleaved; the "
+                    "fastest counts (by CPU time on the CPU, which other jobs on a shared machine inflate least)")
     ap.add_argument("--batch", type=int, default=None, help="default 8 (--quick: 4; --gpu: 8, and 64 in table 1; "
                     "--gpu --quick: 2)")
     ap.add_argument("--budget", type=int, default=None, help="cache budget, prompt included (default 1024, --quick 48)")
