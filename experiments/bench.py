@@ -1,4 +1,4 @@
-"""Speed and memory of the cache policies (SPEC sections 2-4), printed as tables with the command that made them.
+"""Speed and memory of the cache policies (docs/method.md §2-6), printed as tables with the command that made them.
 
   1. Rollout: tokens/s and peak memory against generation length for `full`, `window` and `pte` at one cache
      budget, eager and with the compiled decode step (`-compiled`: rollout.compiled_step, its compile time in the

@@ -131,7 +131,7 @@ def lr_factor(step, steps, warmup):
 def window_mask(windowed):
     """Additive attention mask (B, 1, T, T) of the training sequence (prompt + trace but its last token): causal
     for full-cache rows; for `windowed` rows each thought sees the prompt and exactly the thoughts that were in the
-    window of budget P + 8 when it was written (SPEC section 2's reference semantics)."""
+    window of budget P + 8 when it was written (the reference semantics of docs/method.md §2)."""
     T, n = PROMPT_LEN + TRACE_LEN - 1, TRACE_LEN - 1
     W = TOY_DEFAULTS["cache"] - PROMPT_LEN
     m = evict_count(W, TOY_DEFAULTS["evict"])
