@@ -331,7 +331,7 @@ def rollout_table(a, base, peer):
             + [f"{v['peak_mib']:.0f}" for v in r.values()])
         mib.append({k: v["peak_mib"] for k, v in r.items()})
         measured += [(f"rollout, {k}, batch {a.batch}", n, v) for k, v in r.items() if "plan_mib" in v]
-    yardstick = a.lengths.index(512) if 512 in a.lengths[:-1] else 0  # the issue's: 4,096 tokens against 512
+    yardstick = a.lengths.index(512) if 512 in a.lengths[:-1] else 0  # memory at the longest length against 512 tokens
     evicting = [i for i, n in enumerate(a.lengths[:-1])
                 if n > a.budget - a.prompt_len]  # the window has evicted by then
     for ref in dict.fromkeys([yardstick, *evicting[:1]]) if len(mib) > 1 else []:
