@@ -109,12 +109,12 @@ def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=No
                for p in problems]
     rows = sorted(((i, s) for i in range(len(problems)) for s in range(samples)), key=lambda r: -len(prompts[r[0]]))
     generator = torch.Generator(model.embed_tokens.weight.device).manual_seed(seed)
+    sampling = rollout.Sampling(max_new, temperature, top_p)
     done, seconds, tokens = {}, 0.0, 0
     bar = tqdm(total=len(rows), disable=not progress, unit="sample", desc=f"{policy.policy} {len(problems)} problems")
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        out = rollout.generate(model, [prompts[i] for i, _ in batch], policy, max_new, adapter, temperature, top_p,
-                               generator=generator, compile=compile)
+        out = rollout.generate(model, [prompts[i] for i, _ in batch], policy, sampling, adapter, generator, compile)
         if start == 0 and out.stats.get("first_step_s"):
             bar.write(f"compiled decode step: first call {out.stats['first_step_s']:.1f} s (compiling included)")
         seconds, tokens = seconds + out.stats["seconds"], tokens + out.stats["tokens"]

@@ -50,9 +50,9 @@ from cache import MIN_THOUGHT_SLOTS, evict_count
 from data import Stop, device_name, number
 from encoder import TARGETS, Adapter, AdapterConfig, load_adapter, param_groups, save_adapter, trainable
 from eval import evaluate, token_kl
-from grpo import group_advantages, grpo_loss
+from grpo import LossConfig, group_advantages, grpo_loss
 from model import ONEDNN, REGISTRY, Transformer, config_from_hf, load, read_config, resolve
-from rollout import LOGIT_CHUNK, CachePolicy, Rollout, generate, score
+from rollout import LOGIT_CHUNK, CachePolicy, Rollout, Sampling, generate, score
 
 PAPER_DEFAULTS = dict(policy="pte", cache=1024, evict=0.25, rank=32, globals=32, targets="q,k,v,o", lr=1e-5,
                       grad_clip=1.0, max_new=3072, group=8, prompts_per_step=64, steps=200, temperature=1.0, beta=0.0,
@@ -493,14 +493,15 @@ def stopped(run, signum, world):
 def roll_out(model, prompts, policy, args, adapter, generator, pad_id):
     """`generate` in calls of at most --rollout-batch rows: the rows sorted by prompt length (less padding), chunked,
     and the chunks' Rollouts merged back into one in the original row order. One chunk: one call, rows as they are."""
-    kw = dict(temperature=args.temperature, top_p=args.top_p, generator=generator, compile=args.compile, pad_id=pad_id,
-              prefill_rows=args.prefill_rows)
+    sampling = Sampling(args.max_new, args.temperature, args.top_p, pad_id=pad_id)
+    run = partial(generate, model, policy=policy, sampling=sampling, adapter=adapter, generator=generator,
+                  compile=args.compile, prefill_rows=args.prefill_rows)
     if len(prompts) <= (args.rollout_batch or len(prompts)):  # None: a run from before the flag, one call
-        ro = generate(model, prompts, policy, args.max_new, adapter, **kw)
+        ro = run(prompts)
         return Rollout(**{**vars(ro), "stats": dict(ro.stats, chunks=1)})
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     chunks = [order[i:i + args.rollout_batch] for i in range(0, len(order), args.rollout_batch)]
-    parts = [generate(model, [prompts[i] for i in rows], policy, args.max_new, adapter, **kw) for rows in chunks]
+    parts = [run([prompts[i] for i in rows]) for rows in chunks]
     return merge(parts, order, pad_id, policy.schedule([len(p) for p in prompts], args.max_new))
 
 
@@ -563,8 +564,8 @@ class Objective(nn.Module):
         logp = score(self.model, ro, self.policy, self.adapter, a.temperature, truncate=a.truncate,
                      use_checkpoint=a.checkpoint)  # (b, T)
         old = logp.detach() if old_logp is None else old_logp
-        loss, stats = grpo_loss(logp, old, adv, ro.mask, ref_logp, a.beta, how=a.loss, max_new=a.max_new, n_rows=n_rows,
-                                n_tokens=n_tokens, kl_estimator=a.kl_estimator)
+        cfg = LossConfig(a.loss, beta=a.beta, kl_estimator=a.kl_estimator, max_new=a.max_new)
+        loss, stats = grpo_loss(logp, old, adv, ro.mask, ref_logp, cfg, n_rows, n_tokens)
         return loss, stats, logp.detach()
 
 
