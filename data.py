@@ -199,10 +199,9 @@ def _fetch(name: str, target: Path) -> None:
             problems.append(problem)
     if not problems:
         raise ValueError(f"no usable rows in {repo}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_suffix(".part")
-    part.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in problems), encoding="utf-8")
-    part.replace(target)  # a half-written file must never look like a cached data set
+    target.parent.mkdir(parents=True, exist_ok=True)  # written whole or not at all: never a half cached data set
+    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in problems)
+    atomic_write(target, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
 
 
 def resolve_data(name_or_path, data_dir=None) -> Path:
@@ -261,19 +260,6 @@ def format_prompt(problem: str, family: str | None) -> str:
     if family not in TEMPLATES:
         raise ValueError(f"unknown chat family {family!r}; known: {', '.join(TEMPLATES)} or None")
     return TEMPLATES[family].format(problem + SUFFIX)
-
-
-def load_tokenizer(model_dir):
-    """The `tokenizers` tokenizer of a model folder; a missing or damaged tokenizer.json is named."""
-    from tokenizers import Tokenizer
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the model folder has no tokenizer.json")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception that names no file
-        raise ValueError(f"{path}: unreadable tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                         ) from None
 
 
 # ---------------------------------------------------------------------------------------------------- the toy task
@@ -356,7 +342,6 @@ def number(kind, low, high=None, above=False):
 
 def device_name(text):
     """An argparse type: auto, cpu, cuda or cuda:N, checked against this machine."""
-    import torch
     if text == "auto":
         return text
     try:

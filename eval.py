@@ -82,17 +82,12 @@ def token_kl(model, ro, policy, adapter=None, use_checkpoint=False, truncate=Fal
     return rollout.score(model, ro, policy, adapter, use_checkpoint=use_checkpoint, token_fn=kl, truncate=truncate)
 
 
-def row_evictions(ro, row):
-    """Thought indices before which `row` evicted (each row has its own window and schedule)."""
-    return ro.evictions[row]
-
-
 def kl_start(ro, policy, row):
     """The first thought index whose prediction saw an eviction in `row` (None: none did): the one after the first
     eviction; under `full`, the one a window of the same budget would have had (budget - prompt length + 1)."""
     if policy.policy == "full":
         return max(policy.budget - int(ro.prompt_lens[row]), 0) + 1
-    evictions = row_evictions(ro, row)
+    evictions = ro.evictions[row]  # each row has its own window and schedule
     return evictions[0] + 1 if evictions else None
 
 
@@ -109,12 +104,12 @@ def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=No
                for p in problems]
     rows = sorted(((i, s) for i in range(len(problems)) for s in range(samples)), key=lambda r: -len(prompts[r[0]]))
     generator = torch.Generator(model.embed_tokens.weight.device).manual_seed(seed)
+    sampling = rollout.Sampling(max_new, temperature, top_p)
     done, seconds, tokens = {}, 0.0, 0
     bar = tqdm(total=len(rows), disable=not progress, unit="sample", desc=f"{policy.policy} {len(problems)} problems")
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        out = rollout.generate(model, [prompts[i] for i, _ in batch], policy, max_new, adapter, temperature, top_p,
-                               generator=generator, compile=compile)
+        out = rollout.generate(model, [prompts[i] for i, _ in batch], policy, sampling, adapter, generator, compile)
         if start == 0 and out.stats.get("first_step_s"):
             bar.write(f"compiled decode step: first call {out.stats['first_step_s']:.1f} s (compiling included)")
         seconds, tokens = seconds + out.stats["seconds"], tokens + out.stats["tokens"]
@@ -126,7 +121,7 @@ def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=No
             gold = problems[i]["answer"]
             done[i, s] = dict(id=problems[i]["id"], sample=s, completion=text, answer=grade.extract_answer(text),
                               gold=gold, correct=grade.score(text, gold) == 1.0, length=n,
-                              truncated=bool(out.truncated[b]), evictions=sum(t < n - 1 for t in row_evictions(out, b)))
+                              truncated=bool(out.truncated[b]), evictions=sum(t < n - 1 for t in out.evictions[b]))
             if kl:
                 start = kl_start(out, policy, b)
                 scored = per_token[b, start:n] if start is not None else per_token[b, :0]
@@ -227,7 +222,7 @@ def run(p, args, argv):
     if error := data.beyond_positions(folder, cache=budget, max_new=args.max_new):
         raise ValueError(error)
     benches = {name: data.load_problems(name, args.data_dir)[:args.limit] for name in args.bench.split(",")}
-    tokenizer, family = data.load_tokenizer(folder), data.chat_family(folder)
+    tokenizer, family = models.load_tokenizer(folder), data.chat_family(folder)
     skipped = {}
     for name, problems in benches.items():
         benches[name], _, skipped[name] = data.encode_prompts(problems, tokenizer, family, budget)
@@ -239,9 +234,8 @@ def run(p, args, argv):
         net = models.load(args.model, None if args.dtype == "auto" else getattr(torch, args.dtype), device)
         adapter = load_adapter(args.adapter, net.config, device) if args.adapter else None
         if "pte" in names and (adapter is None or not adapter.encodes):
-            raise ValueError("--policy pte needs --adapter with a thought encoder "
-                             "(adapter mode pte, global-0 or global-only)"
-                             f", got {'no adapter' if adapter is None else 'mode ' + adapter.cfg.mode}")
+            raise ValueError("--policy pte needs --adapter with a thought encoder (adapter mode pte, global-0 or "
+                             f"global-only), got {'no adapter' if adapter is None else 'mode ' + adapter.cfg.mode}")
         return write_results(out, argv, args, net, tokenizer, family, adapter, device, benches, policies, skipped)
 
 

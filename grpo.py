@@ -15,6 +15,8 @@ Departures and choices (the paper gives none of these details):
   k3 (the default) is the GRPO paper's and the usual recipes'; k3-ratio is DeepSeek-V3.2's importance-corrected
   estimator (TRL's GRPOTrainer: `use_bias_correction_kl`), whose gradient is that of the KL the penalty names.
 """
+from dataclasses import dataclass
+
 import torch
 
 AGGREGATIONS = ("token-mean", "seq-mean", "constant")
@@ -98,18 +100,28 @@ def aggregate(per_token, mask, how="token-mean", max_new=None, n_rows=None, n_to
     return masked.sum() / (n_rows * max_new)
 
 
-def grpo_loss(logp, old_logp, adv, mask, ref_logp=None, beta=0.0, eps=0.2, eps_high=0.28,
-              how="token-mean", max_new=None, n_rows=None, n_tokens=None, kl_estimator="k3"):
+@dataclass(frozen=True)
+class LossConfig:
+    """The loss's settings."""
+    how: str = "token-mean"  # the aggregation: token-mean | seq-mean | constant
+    eps: float = 0.2  # the ratio is clipped to [1 - eps, 1 + eps_high]
+    eps_high: float = 0.28
+    beta: float = 0.0  # KL coefficient to the reference policy
+    kl_estimator: str = "k3"  # k3 | k3-ratio
+    max_new: int | None = None  # the rollout token limit: the constant aggregation's normaliser
+
+
+def grpo_loss(logp, old_logp, adv, mask, ref_logp=None, cfg=LossConfig(), n_rows=None, n_tokens=None):
     """aggregate(policy_loss + beta * kl_penalty) -> (loss scalar, stats: clip_frac, kl (the penalty's value),
     ratio_mean over valid tokens)."""
-    if beta and ref_logp is None:
-        raise ValueError(f"beta = {beta} needs ref_logp, the reference policy's log-probs")
-    per_token, clipped = policy_loss(logp, old_logp, adv, eps, eps_high)  # (N, T)
-    kl = (kl_penalty(logp, old_logp, ref_logp, kl_estimator) if ref_logp is not None
+    if cfg.beta and ref_logp is None:
+        raise ValueError(f"beta = {cfg.beta} needs ref_logp, the reference policy's log-probs")
+    per_token, clipped = policy_loss(logp, old_logp, adv, cfg.eps, cfg.eps_high)  # (N, T)
+    kl = (kl_penalty(logp, old_logp, ref_logp, cfg.kl_estimator) if ref_logp is not None
           else torch.zeros_like(per_token))  # (N, T)
-    if beta:
-        per_token = per_token + beta * kl
-    loss = aggregate(per_token, mask, how, max_new, n_rows, n_tokens)
+    if cfg.beta:
+        per_token = per_token + cfg.beta * kl
+    loss = aggregate(per_token, mask, cfg.how, cfg.max_new, n_rows, n_tokens)
     with torch.no_grad():  # stats are local to this (micro-)batch
         valid = mask.bool()
         n = valid.sum().clamp(min=1)

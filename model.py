@@ -424,9 +424,13 @@ def load(name_or_path, dtype=None, device="cpu", random_weights=False) -> Transf
 
 
 def load_tokenizer(name_or_path):
-    """The `tokenizers` tokenizer of a model folder or registry name."""
+    """The `tokenizers` tokenizer of a model folder or registry name; a missing or damaged tokenizer.json is named."""
     from tokenizers import Tokenizer
     path = resolve(name_or_path) / "tokenizer.json"
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the model folder has no tokenizer.json")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception that names no file
+        raise ValueError(f"{path}: unreadable tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                         ) from None

@@ -67,6 +67,18 @@ class CachePolicy:
 
 
 @dataclass
+class Sampling:
+    """How generate decodes: up to max_new tokens a row, from softmax(logits / temperature) cut to top_p (greedy at
+    temperature 0), a row stopping at any of eos_ids (None: the model's) and padded with pad_id after it (None: the
+    first EOS, else 0)."""
+    max_new: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    eos_ids: list | None = None
+    pad_id: int | None = None
+
+
+@dataclass
 class Rollout:
     prompts: torch.Tensor  # (B, P) left-padded
     prompt_lens: torch.Tensor  # (B,)
@@ -299,8 +311,8 @@ def _compile_failed(model, error):
 
 
 @torch.no_grad()
-def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, temperature=0.0, top_p=1.0,
-             eos_ids=None, pad_id=None, generator=None, compile=None, prefill_rows=None):
+def generate(model, prompts, policy: CachePolicy, sampling: Sampling, adapter=None, generator=None, compile=None,
+             prefill_rows=None):
     """Sample completions of token-list prompts under the cache policy. See Rollout for what comes back.
     compile: decode through `compiled_step` (the same tokens and log-probs up to float rounding; the first call of a
     process compiles it: stats["first_step_s"]), else step by step in eager mode, the reference; None: on cuda only
@@ -309,8 +321,9 @@ def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, tempera
     memory, and leaves the tokens as they are."""
     _check(policy, adapter)
     device, B = model.embed_tokens.weight.device, len(prompts)
-    eos_ids = list(eos_ids if eos_ids is not None else model.config.eos_ids)
-    pad_id = pad_id if pad_id is not None else max(eos_ids[:1] + [0])
+    max_new, temperature = sampling.max_new, sampling.temperature
+    eos_ids = list(sampling.eos_ids if sampling.eos_ids is not None else model.config.eos_ids)
+    pad_id = sampling.pad_id if sampling.pad_id is not None else max(eos_ids[:1] + [0])
     eos = torch.tensor(eos_ids or [-1], device=device)
     lens = [len(p) for p in prompts]
     sched = policy.schedule(lens, max_new)
@@ -324,7 +337,7 @@ def generate(model, prompts, policy: CachePolicy, max_new, adapter=None, tempera
         t0 = time.perf_counter()
         logits = prefill(model, adapter, cores, cache, prompts, pad_id, temperature, prefill_rows)  # (B, V)
         for t in range(max_new):
-            token = record(out, t, *sample(logits, top_p, generator, greedy=temperature == 0))
+            token = record(out, t, *sample(logits, sampling.top_p, generator, greedy=temperature == 0))
             if stop(out, t, token, eos, max_new):
                 break
             if t in events:

@@ -7,11 +7,9 @@ policy (in calls of at most --rollout-batch rows), grade them, compute group adv
 Several GPUs or nodes: `torchrun --nproc_per_node N train.py ...` (DistributedDataParallel over the adapter; each rank
 rolls out its share of the prompts and evaluates its share of the held-out problems; rank 0 alone writes).
 
-The file reads top down. The run's bookkeeping: its settings (flags, a model folder's train_defaults.json, a resumed
-run's settings.json, all through the same checks before anything is written), its data, its folder (one writer,
-checkpoints, logs) and its stops (signals, and where the ranks agree on them). Then the algorithm (rollouts in chunks,
-the objective, the update) and the loop over its named steps: set up, roll out and grade, update, log, checkpoint,
-evaluate.
+The file reads top down: the settings (flags, a model folder's train_defaults.json, a resumed run's settings.json,
+all through the same checks before anything is written); the data; the run folder (one writer, checkpoints, logs)
+and its stops; the algorithm; the loop of named steps; the memory plan.
 `--resume DIR` continues exactly, with the run's own settings: every step reseeds its sampler from (seed, step, rank)
 and derives its prompts from (seed, step), so no generator state has to be carried over. Ctrl-C or SIGTERM stop with
 a checkpoint of the last completed step (a step whose update has not begun is dropped; with several ranks they agree
@@ -50,9 +48,9 @@ from cache import MIN_THOUGHT_SLOTS, evict_count
 from data import Stop, device_name, number
 from encoder import TARGETS, Adapter, AdapterConfig, load_adapter, param_groups, save_adapter, trainable
 from eval import evaluate, token_kl
-from grpo import group_advantages, grpo_loss
-from model import ONEDNN, REGISTRY, Transformer, config_from_hf, load, read_config, resolve
-from rollout import LOGIT_CHUNK, CachePolicy, Rollout, generate, score
+from grpo import LossConfig, group_advantages, grpo_loss
+from model import ONEDNN, REGISTRY, Transformer, config_from_hf, load, load_tokenizer, read_config, resolve
+from rollout import LOGIT_CHUNK, CachePolicy, Rollout, Sampling, generate, score
 
 PAPER_DEFAULTS = dict(policy="pte", cache=1024, evict=0.25, rank=32, globals=32, targets="q,k,v,o", lr=1e-5,
                       grad_clip=1.0, max_new=3072, group=8, prompts_per_step=64, steps=200, temperature=1.0, beta=0.0,
@@ -95,8 +93,7 @@ def parser():
       help="cache policy: pte | window (LoRA_c) | full (LoRA) | global-0 | global-only (pte ablations)")
     a("--objective", default="grpo", choices=["grpo", "distill"],
       help="distill: our extension, KL to the full-cache base model")
-    a("--cache", type=number(int, 1), help="cache budget N: prompt slots + thought window (at most the model's "
-      "positions)")
+    a("--cache", type=number(int, 1), help="cache budget N: prompt + thought slots (at most the model's positions)")
     a("--evict", type=number(float, 0, 1, above=True), help="share of the thought window evicted when it is full")
     a("--rank", type=number(int, 1), help="adapter rank r (at most the model's width)")
     a("--alpha", type=number(float, 0, above=True), help="adapter scale numerator (scale alpha/r); default: r")
@@ -133,16 +130,15 @@ def parser():
       "The paper trained on DAPO-Math-17K (--data dapo-math-17k, fetched once from the Hugging Face hub); our default, "
       "math_train (MATH's training problems), also works offline from a local file")
     a("--data-dir", help="where names resolve: default $PTE_DATA, else data/")
-    a("--eval-data", help="held-out problems from a data set of their own (its first --eval-size), "
-      "not split off --data")
+    a("--eval-data", help="held-out problems from a data set of their own (its first --eval-size), not split off "
+      "--data")
     a("--eval-size", type=number(int, 0), help="held-out problems for --eval-every and the closing table")
     a("--eval-every", type=number(int, 0), help="steps between held-out accuracy checks (0: never)")
     a("--save-every", type=number(int, 1), help="steps between checkpoints")
     a("--out", help="run folder, new or empty (default runs/<model>-<policy>-<time>)")
     a("--resume", help="run folder to continue from its newest checkpoint with its own settings (settings.json); "
       f"of the other flags only {', '.join('--' + k.replace('_', '-') for k in SAFE_ON_RESUME)} may change")
-    a("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed of the adapter init, the data order and the "
-      "sampling")
+    a("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed of the adapter init, data order and sampling")
     a("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
       help="base model dtype (auto: checkpoint's on GPU, fp32 on CPU)")
     a("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
@@ -282,7 +278,7 @@ def load_data(args, world):
     """The tokenizer and the problems with their prompts, every check on them done: before any folder is written or
     model loaded."""
     folder = resolve(args.model)
-    tokenizer, family = data.load_tokenizer(folder), data.chat_family(folder)
+    tokenizer, family = load_tokenizer(folder), data.chat_family(folder)
     train, held_out = load_problems(args)
     budget = None if args.policy == "full" else args.cache
     train, train_ids, aside = data.encode_prompts(train, tokenizer, family, budget)
@@ -311,19 +307,16 @@ def step_prompts(problems, step, args, rank, world):
 
 # ----------------------------------------------------------------------------------------- the run: folder, logs, stops
 
-def is_run(folder: Path):
-    return any((folder / name).exists() for name in ("settings.json", "metrics.jsonl", "latest"))
-
-
 @contextmanager
 def claim(args):
     """The run folder, held by this process alone (data.only_writer); a new run's must be new or empty."""
     out = Path(args.resume or args.out)
-    if not args.resume and (held := data.contents(out)) and not is_run(out):
+    is_run = lambda: any((out / name).exists() for name in ("settings.json", "metrics.jsonl", "latest"))  # noqa: E731
+    if not args.resume and (held := data.contents(out)) and not is_run():
         raise ValueError(f"--out {out} is not empty ({', '.join(held[:3])}{' ...' if len(held) > 3 else ''}) and "
                          "holds no run of train.py: name a new or empty folder")
     with data.only_writer(out, "--resume" if args.resume else "--out"):
-        if not args.resume and is_run(out):  # checked under the lock: a live run is refused by it, naming its PID
+        if not args.resume and is_run():  # checked under the lock: a live run is refused by it, naming its PID
             raise ValueError(f"--out {out} holds a run already: continue it with --resume {out}, or name another --out")
         yield out
 
@@ -342,14 +335,6 @@ def check_finite(step, adapter, optimizer=None):
                          "the checkpoints before it are kept")
 
 
-def write_error(e, folder):
-    """The cause of a failed write in a few words: the OS's, or (torch and safetensors hide it) a full disk."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    free = shutil.disk_usage(folder).free
-    return f"the disk is full: {free / 2**20:.1f} MiB free" if free < 2**26 else str(e).strip().split("\n")[0][:200]
-
-
 def save_checkpoint(out: Path, step, adapter, optimizer, settings, keep=2):
     """out/step-NNNNNN written as a temporary folder and renamed, then out/latest updated by an atomic rename. Refused
     when a value is not finite; a write that fails (a full disk) leaves the checkpoints before it as they were."""
@@ -359,8 +344,10 @@ def save_checkpoint(out: Path, step, adapter, optimizer, settings, keep=2):
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(adapter, tmp, policy=settings["cache_policy"], settings=settings)
         torch.save(dict(step=step, optimizer=optimizer.state_dict(), settings=settings), tmp / "state.pt")
-    except Exception as e:  # OSError, or torch's and safetensors' own errors for the same causes
-        cause = write_error(e, out)
+    except Exception as e:  # OSError, or torch's and safetensors' own errors, which hide the cause (a full disk)
+        free = shutil.disk_usage(out).free
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else (
+            f"the disk is full: {free / 2**20:.1f} MiB free" if free < 2**26 else str(e).strip().split("\n")[0][:200])
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(f"{tmp}: the checkpoint of step {step} could not be written ({cause}); the ones before it "
                       "are kept") from None
@@ -415,9 +402,8 @@ def load_checkpoint(run: Path, settings, model_cfg, device):
 
 
 def trim_log(path: Path, last_step):
-    """Keep the records of steps up to last_step (the steps after it run again), rewritten atomically (a temporary
-    file, then a rename); returns them. A torn last line (a kill or a full disk mid-write) is dropped with a
-    warning."""
+    """Keep the records of steps up to last_step (the steps after it run again), rewritten atomically; returns them.
+    A torn last line (a kill or a full disk mid-write) is dropped with a warning."""
     if not path.exists():
         return []
     lines, kept = path.read_text(encoding="utf-8", errors="replace").splitlines(True), []
@@ -461,14 +447,13 @@ def local(run, fn, *args):
     try:
         if run.stop["signal"]:
             raise Stop(run.stop["signal"])
-        result = fn(*args)
-        run.stop["at_once"] = before
-        return result
+        return fn(*args)
     except Stop:
-        run.stop["at_once"] = before
         if run.world == 1:
             raise
         return None
+    finally:
+        run.stop["at_once"] = before
 
 
 def stopped(run, signum, world):
@@ -490,17 +475,23 @@ def stopped(run, signum, world):
 
 # ---------------------------------------------------------------------------------------------------- the algorithm
 
+def adapter_mode(policy):
+    """The adapter a cache policy trains: the thought encoder's under pte and its ablations, else plain LoRA."""
+    return policy if policy in ("pte", "global-0", "global-only") else "lora"
+
+
 def roll_out(model, prompts, policy, args, adapter, generator, pad_id):
     """`generate` in calls of at most --rollout-batch rows: the rows sorted by prompt length (less padding), chunked,
     and the chunks' Rollouts merged back into one in the original row order. One chunk: one call, rows as they are."""
-    kw = dict(temperature=args.temperature, top_p=args.top_p, generator=generator, compile=args.compile, pad_id=pad_id,
-              prefill_rows=args.prefill_rows)
+    sampling = Sampling(args.max_new, args.temperature, args.top_p, pad_id=pad_id)
+    run = partial(generate, model, policy=policy, sampling=sampling, adapter=adapter, generator=generator,
+                  compile=args.compile, prefill_rows=args.prefill_rows)
     if len(prompts) <= (args.rollout_batch or len(prompts)):  # None: a run from before the flag, one call
-        ro = generate(model, prompts, policy, args.max_new, adapter, **kw)
+        ro = run(prompts)
         return Rollout(**{**vars(ro), "stats": dict(ro.stats, chunks=1)})
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     chunks = [order[i:i + args.rollout_batch] for i in range(0, len(order), args.rollout_batch)]
-    parts = [generate(model, [prompts[i] for i in rows], policy, args.max_new, adapter, **kw) for rows in chunks]
+    parts = [run([prompts[i] for i in rows]) for rows in chunks]
     return merge(parts, order, pad_id, policy.schedule([len(p) for p in prompts], args.max_new))
 
 
@@ -544,12 +535,12 @@ class Objective(nn.Module):
     def __init__(self, model, adapter, args, policy, ref_policy):
         super().__init__()
         self.adapter, self.args, self.policy, self.ref_policy = adapter, args, policy, ref_policy
+        self.loss_cfg = LossConfig(args.loss, beta=args.beta, kl_estimator=args.kl_estimator, max_new=args.max_new)
         object.__setattr__(self, "model", model)
 
     def forward(self, ro, adv, old_logp, n_rows, n_tokens):
-        """(loss, stats, the learner's detached log-probs (b, T) or None). old_logp None: this is the batch's first
-        pass, and the PPO "old" log-probs are the learner's own replay (ratio exactly 1 in any dtype), not
-        generate's."""
+        """(loss, stats, the learner's detached log-probs (b, T) or None). old_logp None: the batch's first pass, whose
+        PPO "old" log-probs are the learner's own replay (ratio exactly 1 in any dtype), not generate's."""
         a = self.args
         if a.objective == "distill":  # forward KL(full-cache base || cache-constrained policy) per token, §8
             per_token = token_kl(self.model, ro, self.policy, self.adapter, use_checkpoint=a.checkpoint,
@@ -563,19 +554,17 @@ class Objective(nn.Module):
         logp = score(self.model, ro, self.policy, self.adapter, a.temperature, truncate=a.truncate,
                      use_checkpoint=a.checkpoint)  # (b, T)
         old = logp.detach() if old_logp is None else old_logp
-        loss, stats = grpo_loss(logp, old, adv, ro.mask, ref_logp, a.beta, how=a.loss, max_new=a.max_new, n_rows=n_rows,
-                                n_tokens=n_tokens, kl_estimator=a.kl_estimator)
+        loss, stats = grpo_loss(logp, old, adv, ro.mask, ref_logp, self.loss_cfg, n_rows, n_tokens)
         return loss, stats, logp.detach()
 
 
 def update(objective, optimizer, ro, adv, args, world, agree=lambda *flags: flags):
-    """--epochs optimizer steps on a rank's rollouts (PPO updates per batch), micro-batched; the normalisers count
-    all ranks' rows and tokens, and DDP averages the gradients, hence the factor `world`. --truncate accumulates
-    each parameter's gradient once per segment, which DDP's hooks refuse: there they are summed by hand.
-    The first pass's log-probs are the "old" ones of every later epoch, and their distance to generate's is the
-    sampler-learner gap (mean and max |delta log p| over the completion tokens). `agree(*flags)` is where the ranks
-    meet (the train loop stops them there): before each micro-batch, and before each optimizer step with the flag
-    "loss or gradient norm not finite", which skips it and those after it (stats["skipped"])."""
+    """--epochs optimizer steps on a rank's rollouts, micro-batched; the normalisers count all ranks' rows and tokens,
+    and DDP averages the gradients, hence the factor `world`. --truncate accumulates each parameter's gradient once per
+    segment, which DDP's hooks refuse: there they are summed by hand. The first pass's log-probs are the "old" ones of
+    every later epoch; their distance to generate's is the sampler-learner gap. `agree(*flags)` is where the ranks
+    meet: before each micro-batch, and before each optimizer step with the flag "loss or gradient norm not finite",
+    which skips it and those after it (stats["skipped"])."""
     counts = torch.tensor([ro.mask.shape[0], ro.mask.sum()], dtype=torch.float64, device=ro.mask.device)
     if world > 1:
         dist.all_reduce(counts)
@@ -610,10 +599,10 @@ def update(objective, optimizer, ro, adv, args, world, agree=lambda *flags: flag
         optimizer.zero_grad(set_to_none=True)
     total = sum(s["rows"] for s in stats)
     out = {k: sum(s[k] * s["rows"] for s in stats) / total for k in ("kl", "clip_frac")}
-    gap = torch.cat(gaps) if gaps else None
+    gap = torch.cat(gaps) if gaps else torch.zeros(0)  # |delta log p| over the completion tokens
     return dict(out, loss=sum(s["loss"] for s in stats) / (epoch + 1), grad_norm=sum(norms) / len(norms),
-                skipped=bool(skipped), sampler_gap_mean=gap.mean().item() if gap is not None and gap.numel() else None,
-                sampler_gap_max=gap.max().item() if gap is not None and gap.numel() else None)
+                skipped=bool(skipped), sampler_gap_mean=gap.mean().item() if gap.numel() else None,
+                sampler_gap_max=gap.max().item() if gap.numel() else None)
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -648,19 +637,25 @@ class Batch:
     rewards: torch.Tensor  # (rows,)
 
 
+def run_device(args):
+    """--device (auto: cuda where there is one); under torchrun, cuda is the rank's own GPU."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
 def set_up(args, problems, stop):
     """Set-up: the device and the process group, the checkpoint to resume (before the model loads: a run that stopped
     before its first one starts at step 0), the logs trimmed to it, settings.json, then the model and the learner."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device, mode = run_device(args), adapter_mode(args.policy)
     if world > 1:
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    mode = {"pte": "pte", "global-0": "global-0", "global-only": "global-only"}.get(args.policy, "lora")
     cache_policy = CachePolicy("pte" if mode != "lora" else args.policy, args.cache, args.evict)
     settings = dict(model=args.model, policy=args.policy, cache_policy=cache_policy.policy, rank=args.rank,
                     globals=args.globals, targets=args.targets, set_aside=problems.set_aside,
@@ -909,17 +904,6 @@ class MemorySettings:
     runtime: int = CUDA_CONTEXT_BYTES  # what the process holds before any weight
 
 
-def plan_counts(cfg, adapter_cfg):
-    """(model parameters, of which in nn.Linear weights (lm_head counted even when tied), adapter parameters),
-    counted on the meta device: no memory, no weights."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-        adapter = Adapter(cfg, adapter_cfg) if adapter_cfg is not None else None
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    return (sum(p.numel() for p in model.parameters()), linear,
-            sum(p.numel() for p in adapter.parameters()) if adapter is not None else 0)
-
-
 def _layer_bytes(cfg, s, rows, n, ctx, part):
     """One decoder layer over n query tokens of each of `rows` rows against ctx key slots a row.
     "forward": its largest set of live activations without autograd (the attention's or the MLP's, and the mask);
@@ -969,10 +953,13 @@ def _score_bytes(cfg, s):
 
 
 def memory_plan(cfg, s: MemorySettings):
-    """Bytes of each phase of a step (docs/method.md §9): what stays (runtime, weights, adapter and AdamW states) and
-    what each phase adds while it runs. plan_peaks adds them up."""
+    """Bytes of each term of a step: what stays (runtime, weights, adapter and AdamW states) and what each phase adds
+    while it runs."""
     e, V = s.dtype_bytes, cfg.vocab_size
-    params, linear, adapter = plan_counts(cfg, s.adapter)
+    with torch.device("meta"):  # parameters counted, not allocated
+        model = Transformer(cfg)
+        adapter = sum(p.numel() for p in Adapter(cfg, s.adapter).parameters()) if s.adapter is not None else 0
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))  # lm_head even when tied
     kv_tok = 2 * cfg.n_layers * cfg.kv_dim * e
     R, Rp, P, T = min(s.rollout_rows, s.rows), min(s.prefill_rows, s.rollout_rows, s.rows), s.longest_prompt, s.max_new
     slots = P + T if s.policy == "full" else s.cache
@@ -981,7 +968,7 @@ def memory_plan(cfg, s: MemorySettings):
     attend = R * cfg.n_heads * slots * (2 * e + 8) + R * slots * e  # decode: scores, their fp32 softmax, the mask
     return dict(
         runtime=s.runtime,
-        weights=params * e,
+        weights=sum(p.numel() for p in model.parameters()) * e,
         adapter=adapter * 4 * (3 if s.optimizer else 1),  # fp32 parameters and AdamW's two states
         packed_weights=linear * 4 if s.packed else 0,
         rollout_cache=R * slots * (kv_tok + 8) + R * T * 13,  # keys, values, slot positions; tokens, log-probs, mask
@@ -994,12 +981,26 @@ def memory_plan(cfg, s: MemorySettings):
 
 
 def plan_peaks(plan):
-    """The peak of each part of a step and of the whole (phases run one after another; what stays adds to each)."""
+    """The peak of each phase of a step and of the whole (phases run one after another; what stays adds to each)."""
     stays = plan["runtime"] + plan["weights"] + plan["adapter"]
     rollout = stays + plan["packed_weights"] + plan["rollout_cache"] + max(plan["prefill"], plan["decode_step"])
     score = stays + plan["step_rollouts"] + plan["gradients"] + plan["score"]
     optimizer = stays + plan["gradients"] + plan["optimizer_step"]
     return dict(rollout=rollout, score=score, optimizer=optimizer, total=max(rollout, score, optimizer))
+
+
+def plan_advice(plan, s):
+    """The phase at the peak, and the flags that shrink it."""
+    peaks = plan_peaks(plan)
+    if peaks["total"] == peaks["rollout"]:
+        if plan["prefill"] > max(plan["decode_step"], plan["rollout_cache"]):
+            return "prefill", "lower --prefill-rows (rows of one prefill forward)"
+        return "rollout", "lower --rollout-batch (rows of one generate call: the cache grows with it)"
+    if peaks["total"] == peaks["score"]:
+        fixes = ["lower --micro-batch"] + ["score with --checkpoint"] * (not s.checkpoint) + \
+                ["use --truncate (memory fixed by --cache)"] * (not s.truncate and s.policy != "full")
+        return "score", ", or ".join(fixes)
+    return "optimizer step", "lower --rank or fewer --targets"
 
 
 def plan_model(name):
@@ -1027,16 +1028,9 @@ def plan_settings(args, device, dtype_bytes, longest_prompt=None, shortest_promp
         rows=args.prompts_per_step * args.group // int(os.environ.get("WORLD_SIZE", 1)),
         rollout_rows=args.rollout_batch or args.prompts_per_step * args.group, prefill_rows=args.prefill_rows,
         micro_batch=args.micro_batch, checkpoint=args.checkpoint, truncate=args.truncate, beta=args.beta,
-        adapter=AdapterConfig({"global-0": "global-0", "global-only": "global-only", "pte": "pte"}.get(
-            args.policy, "lora"), args.rank, args.alpha, args.globals, args.targets.split(",")),
+        adapter=AdapterConfig(adapter_mode(args.policy), args.rank, args.alpha, args.globals, args.targets.split(",")),
         device=device.type, dtype_bytes=e, packed=not cuda and e == 4 and ONEDNN,
         runtime=CUDA_CONTEXT_BYTES if cuda else resident)
-
-
-def plan_device(args):
-    """The device a run of these flags trains on (set_up's choice, before any process group)."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device == torch.device("cuda") else device
 
 
 def device_memory(device):
@@ -1052,78 +1046,42 @@ def device_memory(device):
         return None
 
 
-def plan_advice(plan, s):
-    """The phase at the peak, and the flags that shrink it."""
-    peaks = plan_peaks(plan)
-    if peaks["total"] == peaks["rollout"]:
-        if plan["prefill"] > max(plan["decode_step"], plan["rollout_cache"]):
-            return "prefill", "lower --prefill-rows (rows of one prefill forward)"
-        return "rollout", "lower --rollout-batch (rows of one generate call: the cache grows with it)"
-    if peaks["total"] == peaks["score"]:
-        fixes = ["lower --micro-batch"] + ["score with --checkpoint"] * (not s.checkpoint) + \
-                ["use --truncate (memory fixed by --cache)"] * (not s.truncate and s.policy != "full")
-        return "score", ", or ".join(fixes)
-    return "optimizer step", "lower --rank or fewer --targets"
-
-
-def print_plan(cfg, s, memory=None, where=""):
-    """The plan as a table: each phase, what it holds, its GiB, and the peak while it runs."""
-    plan, gib = memory_plan(cfg, s), lambda x: f"{x / 2**30:.2f}"
-    peaks = plan_peaks(plan)
-    R, Rp, P, T = min(s.rollout_rows, s.rows), min(s.prefill_rows, s.rollout_rows, s.rows), s.longest_prompt, s.max_new
-    stays = plan["runtime"] + plan["weights"] + plan["adapter"]
-    below = stays + plan["packed_weights"] + plan["rollout_cache"]
-    mode = (("--truncate" if s.truncate else "exact") + ", " + ("checkpointed" if s.checkpoint else "--no-checkpoint"))
-    rows = [("runtime", "CUDA context, workspaces" if s.device == "cuda" else "this process before any weight",
-             plan["runtime"], None),
-            ("weights", f"{s.dtype_bytes}-byte elements", plan["weights"], None),
-            ("adapter", "fp32 parameters and AdamW's two states", plan["adapter"], stays),
-            ("packed weights", "oneDNN's blocked copy while generate runs", plan["packed_weights"], None),
-            ("rollout cache", f"{R} rows x {P + T if s.policy == 'full' else s.cache} slots, the outputs",
-             plan["rollout_cache"], below),
-            ("prefill", f"{Rp} rows x {P} tokens at a time", plan["prefill"], below + plan["prefill"]),
-            ("decode step", f"{R} rows: logits, sampling, fold or attention", plan["decode_step"],
-             below + plan["decode_step"]),
-            ("score micro-batch", f"{s.micro_batch} rows x {P} + {T} tokens, {mode}, {s.objective}",
-             plan["score"] + plan["step_rollouts"], peaks["score"]),
-            ("optimizer step", "gradients, AdamW's temporaries", plan["gradients"] + plan["optimizer_step"],
-             peaks["optimizer"])]
-    print(f"memory plan{where}: policy {s.policy}, {s.rows} rollouts of up to {T} tokens on this rank, generate "
-          f"calls of {R} rows, prompts up to {P} tokens\n\n| phase | holds | GiB | peak while it runs, GiB |\n"
-          "|---|---|---|---|")
-    for name, what, size, peak in rows:
+def print_plan(s, plan, memory, where):
+    """The plan as a table of its terms (what stays, what each phase adds while it runs), each phase's peak, and
+    whether it fits in `memory` bytes."""
+    peaks, (phase, fix), gib = plan_peaks(plan), plan_advice(plan, s), lambda x: f"{x / 2**30:.2f}"
+    labels = dict(runtime="runtime: " + ("CUDA context, workspaces" if s.device == "cuda" else
+                                         "this process before any weight"),
+                  packed_weights="packed weights: oneDNN's copy while generate runs", score="score micro-batch")
+    mode = ("--truncate" if s.truncate else "exact") + ", " + ("checkpointed" if s.checkpoint else "--no-checkpoint")
+    print(f"memory plan{where}: policy {s.policy}, {s.rows} rollouts of up to {s.max_new} tokens on this rank, "
+          f"generate calls of {min(s.rollout_rows, s.rows)} rows, prompts up to {s.longest_prompt} tokens, score "
+          f"micro-batches of {s.micro_batch} rows ({mode}, {s.objective})\n\n| term | GiB |\n|---|---|")
+    for key, size in plan.items():
         if size:
-            print(f"| {name} | {what} | {gib(size)} | {gib(peak) if peak else ''} |")
-    phase, fix = plan_advice(plan, s)
-    verdict = "" if memory is None else f" of {gib(memory)} GiB: " + ("fits" if peaks["total"] <= memory else
-                                                                     f"does not fit; {fix}")
-    print(f"\ntotal peak {gib(peaks['total'])} GiB ({phase}){verdict}")
-    return plan
+            print(f"| {labels.get(key, key.replace('_', ' '))} | {gib(size)} |")
+    verdict = "" if memory is None else f" of {gib(memory)} GiB: " + (
+        "fits" if peaks["total"] <= memory else f"does not fit; {fix}")
+    print(f"\npeak while it runs: rollout {gib(peaks['rollout'])}, score {gib(peaks['score'])}, optimizer step "
+          f"{gib(peaks['optimizer'])} GiB\ntotal peak {gib(peaks['total'])} GiB ({phase}){verdict}")
 
 
-def show_plan(args):
-    """--plan: print the plan for this machine's device, or for a cuda device of --plan GiB; load nothing."""
-    device = torch.device("cuda") if args.plan is not True else plan_device(args)
+def check_memory(args, prompt_lens=None):
+    """--plan: print the plan for these flags, for this machine's device or a cuda device of --plan GiB. A run (its
+    prompts' lengths given): refuse it when its plan exceeds the device's memory, naming the flag to change. Either
+    way before anything is written or loaded."""
+    device = torch.device("cuda") if args.plan not in (None, True) else run_device(args)
+    memory = args.plan * 2**30 if args.plan not in (None, True) else device_memory(device)
     cfg, dtype_bytes = plan_model(args.model)
-    memory = args.plan * 2**30 if args.plan is not True else device_memory(device)
-    print_plan(cfg, plan_settings(args, device, dtype_bytes), memory, f" ({args.model} on {device.type})")
-
-
-def check_memory(args, prompt_ids):
-    """Before anything is written or loaded: refuse a run whose plan exceeds the device's memory, naming the flag
-    to change."""
-    device = plan_device(args)
-    memory = device_memory(device)
-    cfg, dtype_bytes = plan_model(args.model)
-    lengths = [len(ids) for ids in prompt_ids]
-    s = plan_settings(args, device, dtype_bytes, max(lengths), min(lengths))
+    s = plan_settings(args, device, dtype_bytes, *((max(prompt_lens), min(prompt_lens)) if prompt_lens else ()))
     plan = memory_plan(cfg, s)
+    if args.plan:
+        return print_plan(s, plan, memory, f" ({args.model} on {device.type})")
     total = plan_peaks(plan)["total"]
     if memory is not None and total > memory:
         phase, fix = plan_advice(plan, s)
         raise ValueError(f"the memory plan needs {total / 2**30:.1f} GiB at its peak ({phase}), more than the "
                          f"{memory / 2**30:.1f} GiB of {device}: {fix}; `python train.py ... --plan` prints each phase")
-    return plan
 
 
 # ---------------------------------------------------------------------------------------------------- memory, curve
@@ -1195,13 +1153,13 @@ def main(argv=None):
         try:
             args = parse_args(argv)
             if args.plan:
-                return show_plan(args)
+                return check_memory(args)
             early = rank == 0 and Path(args.resume or args.out).exists()  # its holder can be refused now
             if early:
                 held.enter_context(claim(args))
                 args = parse_args(argv) if args.resume else args  # under the lock: a run just ended may have moved on
             problems = load_data(args, world)
-            check_memory(args, [p["prompt_ids"] for p in problems.train])  # before anything is written or loaded
+            check_memory(args, [len(p["prompt_ids"]) for p in problems.train])  # before anything is written or loaded
             if rank == 0 and not early:  # a new folder is made only once the data passed its checks
                 held.enter_context(claim(args))
             return train(args, problems, stop)

@@ -97,17 +97,17 @@ def rollout_hf(s, hf):
 
 def rollout_ours(s, model):
     from encoder import Adapter, AdapterConfig
-    from rollout import CachePolicy, generate
+    from rollout import CachePolicy, Sampling, generate
     name, _, variant = s["policy"].partition("-")
     policy, compile = CachePolicy("window" if name == "lora_c" else name, s["budget"]), variant == "compiled"
     adapter = (Adapter(model.config, AdapterConfig("pte" if name == "pte" else "lora")).to(s["device"])
                if name in ("pte", "lora_c") else None)
     batch = prompts(s, model.config.vocab_size).tolist()
-    warm = generate(model, batch, policy, 4, adapter, eos_ids=[], compile=compile)
+    warm = generate(model, batch, policy, Sampling(4, eos_ids=[]), adapter, compile=compile)
     torch._dynamo.config.error_on_recompile = True  # the timed call reuses the warm-up's graph, whatever its length
     cpu = time.process_time()
-    out, seconds = timed(lambda: generate(model, batch, policy, s["length"], adapter, eos_ids=[], compile=compile),
-                         s["device"])
+    out, seconds = timed(lambda: generate(model, batch, policy, Sampling(s["length"], eos_ids=[]), adapter,
+                                          compile=compile), s["device"])
     cfg = model.config
     return dict(seconds=seconds, tokens=int(out.mask.sum()), compile_s=warm.stats["first_step_s"],
                 cpu_s=time.process_time() - cpu,  # this process's CPU time, which other jobs inflate least
@@ -141,7 +141,7 @@ def grpo_steps(s, model):
     import train
     from encoder import Adapter, AdapterConfig, trainable
     from grpo import group_advantages
-    from rollout import CachePolicy, generate
+    from rollout import CachePolicy, Sampling, generate
     policy, dev = s["policy"].removesuffix("-trunc"), s["device"]
     args = argparse.Namespace(**{**train.PAPER_DEFAULTS, "objective": "grpo", "epochs": 1, "top_p": 1.0,
                                  "no_std": False, "kl_estimator": "k3", "truncate": s["policy"].endswith("-trunc"),
@@ -159,7 +159,7 @@ def grpo_steps(s, model):
     for _ in range(2):
         train.reset_peak_memory(torch.device(dev))
         t0 = time.perf_counter()
-        ro = generate(model, rows, cache_policy, args.max_new, adapter, args.temperature, generator=g)
+        ro = generate(model, rows, cache_policy, Sampling(args.max_new, args.temperature), adapter, g)
         rewards = torch.randint(0, 2, (len(rows),), generator=g, device=dev).float()
         train.update(objective, optimizer, ro, group_advantages(rewards, s["group"]), args, world=1)
         if dev.startswith("cuda"):
@@ -505,7 +505,7 @@ def part_smoke(s):
     (batch 1, other prompts and budget, window without an adapter); score and backward of the compiled rollout."""
     from torch._dynamo.utils import counters
     from encoder import Adapter, AdapterConfig
-    from rollout import CachePolicy, generate, score
+    from rollout import CachePolicy, Sampling, generate, score
     dev, rows, n = s["device"], s["smoke_rows"], s["smoke_tokens"]
     model = random_model(s["model"], torch.float32, dev, layers=4)
     torch.manual_seed(1)
@@ -516,7 +516,8 @@ def part_smoke(s):
     lengths = [40 + 3 * i for i in range(rows)]
     prompts = [torch.randint(3, model.config.vocab_size, (k,)).tolist() for k in lengths]
     policy = CachePolicy("pte", max(lengths) + n // 4)  # windows of n/4 to n/4 + 3 (rows - 1): every row evicts
-    run = lambda c, p=prompts, pol=policy, ad=adapter: generate(model, p, pol, n, ad, eos_ids=[], compile=c)  # noqa
+    run = lambda c, p=prompts, pol=policy, ad=adapter: generate(model, p, pol, Sampling(n, eos_ids=[]), ad,  # noqa
+                                                                compile=c)
     cuda = dev.startswith("cuda")
     eager = run(False)
     torch._dynamo.reset()
@@ -561,7 +562,7 @@ def part_rollout(s):
     """Warm-up (compiles), a prefill alone (max_new 1), then the timed call: decode tokens/s from their difference."""
     import inspect
     from encoder import Adapter, AdapterConfig
-    from rollout import CachePolicy, generate
+    from rollout import CachePolicy, Sampling, generate
     from train import MemorySettings, memory_plan, peak_memory_gb, plan_peaks, reset_peak_memory, _status_kib
     dev, rows, n, budget = s["device"], s["rows"], s["tokens"], s["budget"]
     cuda, dtype = dev.startswith("cuda"), torch.bfloat16 if dev.startswith("cuda") else torch.float32
@@ -573,13 +574,14 @@ def part_rollout(s):
     lengths = [k for k in lengths for _ in range(group)]
     prompts = [torch.randint(3, model.config.vocab_size, (k,)).tolist() for k in lengths]
     chunked = "prefill_rows" in inspect.signature(generate).parameters
-    kw = dict(eos_ids=[], temperature=1.0, compile=True, **({"prefill_rows": s["prefill_rows"]} if chunked else {}))
+    kw = dict(compile=True, **({"prefill_rows": s["prefill_rows"]} if chunked else {}))
     policy, g = CachePolicy("pte", budget), torch.Generator(dev).manual_seed(0)
     weights = torch.cuda.memory_allocated() if cuda else 0
     reset_peak_memory(torch.device(dev))
-    warm = generate(model, prompts, policy, 4, adapter, generator=g, **kw)
-    prefill_s = timed(lambda: generate(model, prompts, policy, 1, adapter, generator=g, **kw), dev)[1]
-    out, seconds = timed(lambda: generate(model, prompts, policy, n, adapter, generator=g, **kw), dev)
+    sampled = lambda n: Sampling(n, 1.0, eos_ids=[])  # noqa: E731
+    warm = generate(model, prompts, policy, sampled(4), adapter, g, **kw)
+    prefill_s = timed(lambda: generate(model, prompts, policy, sampled(1), adapter, g, **kw), dev)[1]
+    out, seconds = timed(lambda: generate(model, prompts, policy, sampled(n), adapter, g, **kw), dev)
     peak = peak_memory_gb(torch.device(dev)) * 2**30
     cfg, e = model.config, dtype.itemsize
     settings = MemorySettings(

@@ -33,7 +33,7 @@ import plot  # noqa: E402
 import train  # noqa: E402
 from encoder import Adapter, AdapterConfig, load_adapter, save_adapter, trainable  # noqa: E402
 from eval import evaluate, kl_start, token_kl  # noqa: E402
-from rollout import CachePolicy, Rollout, generate  # noqa: E402
+from rollout import CachePolicy, Rollout, Sampling, generate  # noqa: E402
 
 BUILT = Path.home() / ".cache" / "smollm2-135m-instruct"  # where a local build of it may live
 MODEL = os.environ.get("PTE_SMOLLM2") or (str(BUILT) if (BUILT / "config.json").exists() else "smollm2-135m")
@@ -69,7 +69,7 @@ def sample_rollouts(net, prompts, policy, args, out):
     saved = torch.load(path, weights_only=False) if path.exists() else dict(batches=[], seconds=0.0)
     for i in tqdm(range(len(saved["batches"]), -(-len(prompts) // 8)), desc="training rollouts", unit="batch"):
         t0, gen = time.perf_counter(), torch.Generator().manual_seed(args.seed * 1009 + i)
-        ro = generate(net, prompts[i * 8:(i + 1) * 8], policy, args.max_new, temperature=1.0, generator=gen)
+        ro = generate(net, prompts[i * 8:(i + 1) * 8], policy, Sampling(args.max_new, 1.0), generator=gen)
         saved["batches"].append(dataclasses.asdict(ro))
         saved["seconds"] += time.perf_counter() - t0
         data.atomic_write(path, lambda p: torch.save(saved, p))
@@ -120,7 +120,7 @@ def paired(net, prompts, budget, adapters, args, out):
     path = out / "paired.json"
     if not path.exists():
         t0, gen = time.perf_counter(), torch.Generator().manual_seed(args.seed + 1)
-        ro = generate(net, prompts, CachePolicy("window", budget), args.max_new, temperature=1.0, generator=gen)
+        ro = generate(net, prompts, CachePolicy("window", budget), Sampling(args.max_new, 1.0), generator=gen)
         kls = {}  # label -> (per-completion sums, token counts) over each row's tokens after its first eviction
         for label, policy, name in ROWS:
             with torch.no_grad():  # token_kl follows autograd where it is on (train.py's distillation)

@@ -43,7 +43,7 @@ from cache import MaskedForward, evict_count, eviction_steps  # noqa: E402
 from data import (DIGIT, EVAL_SEED, ID, MEMO_AT, PROMPT_LEN, SPECIALS, TRACE_LEN, VALID_SEED,  # noqa: E402
                   VOCAB, atomic_write, draw_digits, encode, make_problems)
 from model import TOY_DIR, Transformer, config_from_hf, load, load_tokenizer  # noqa: E402
-from rollout import CachePolicy, generate  # noqa: E402
+from rollout import CachePolicy, Sampling, generate  # noqa: E402
 
 # train.py's defaults for this model folder (train.py reads train_defaults.json in any model folder that has one); its
 # data sets are generated (data.GENERATED: toy-train, toy-eval). Why these values (measured in docs/toy.md): the
@@ -93,7 +93,7 @@ def recall_accuracy(model, k, policy: CachePolicy, adapter=None, n=256, seed=EVA
     """Share of the k memos recalled right (greedy, n held-out problems; chance 0.1): the recall is the k tokens
     after `=`; a missing or wrong token counts as wrong."""
     prompt, trace = encode_memos(draw_digits(n, torch.Generator().manual_seed(seed), MEMO_EVERY * K_MAX), k)
-    out = generate(model, prompt.tolist(), policy, trace.shape[1] + 2, adapter, pad_id=ID["<pad>"])
+    out = generate(model, prompt.tolist(), policy, Sampling(trace.shape[1] + 2, pad_id=ID["<pad>"]), adapter)
     return recall_score(out.tokens, trace, k)
 
 
@@ -207,7 +207,7 @@ def save(net, out, vocab=VOCAB, max_positions=64):
 def accuracy(model, tokenizer, problems, policy: CachePolicy):
     """Greedy Y accuracy: generate under the policy, decode the completions, grade them with grade.score."""
     prompts = [tokenizer.encode(p["problem"], add_special_tokens=False).ids for p in problems]
-    out = generate(model, prompts, policy, TOY_DEFAULTS["max_new"], pad_id=ID["<pad>"])
+    out = generate(model, prompts, policy, Sampling(TOY_DEFAULTS["max_new"], pad_id=ID["<pad>"]))
     texts = tokenizer.decode_batch(out.tokens.tolist(), skip_special_tokens=True)
     return sum(grade.score(text, p["answer"]) for text, p in zip(texts, problems)) / len(problems)
 
@@ -237,7 +237,7 @@ def memo_probe(model, adapter, n=2048, seed=VALID_SEED, ridge=10.0):
     adapter.update_cores = recording
     try:
         policy = CachePolicy("pte", TOY_DEFAULTS["cache"], TOY_DEFAULTS["evict"])
-        generate(model, encode(digits)[0].tolist(), policy, 18, adapter)
+        generate(model, encode(digits)[0].tolist(), policy, Sampling(18), adapter)
     finally:
         del adapter.update_cores
     W = TOY_DEFAULTS["cache"] - PROMPT_LEN

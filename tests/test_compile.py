@@ -13,7 +13,7 @@ import torch
 import model as M
 from conftest import chatml
 from encoder import Adapter, AdapterConfig
-from rollout import CachePolicy, generate
+from rollout import CachePolicy, Sampling, generate
 
 # a compiled step that fell back to eager would give eager's tokens: here that is an error, unless a test expects it
 pytestmark = pytest.mark.filterwarnings("error:the compiled decode step failed:RuntimeWarning")
@@ -32,11 +32,11 @@ def pte_adapter(cfg):
     return adapter
 
 
-def both(model, prompts, policy, max_new, adapter=None, **kw):
+def both(model, prompts, policy, max_new, adapter=None, temperature=0.0):
     """(eager, compiled) rollouts of the same call, sampled from the same seed."""
-    kw = dict(eos_ids=[], pad_id=0) | kw
-    return [generate(model, prompts, policy, max_new, adapter, compile=c,
-                     generator=torch.Generator().manual_seed(0) if kw.get("temperature") else None, **kw)
+    sampling = Sampling(max_new, temperature, eos_ids=[], pad_id=0)
+    return [generate(model, prompts, policy, sampling, adapter, compile=c,
+                     generator=torch.Generator().manual_seed(0) if temperature else None)
             for c in (False, True)]
 
 
@@ -134,15 +134,15 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch, when):
                 raise RuntimeError("no C compiler")
             return fn(*args)
         return run
-    eager = generate(toy, TOY_PROMPTS, policy, 30, adapter, eos_ids=[], pad_id=0, compile=False)
+    eager = generate(toy, TOY_PROMPTS, policy, Sampling(30, eos_ids=[], pad_id=0), adapter, compile=False)
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.warns(RuntimeWarning, match=r"compiled decode step failed \(RuntimeError: no C compiler\).*--no-compile"
                       ) as caught:
-        fallen = generate(toy, TOY_PROMPTS, policy, 30, adapter, eos_ids=[], pad_id=0, compile=True)
+        fallen = generate(toy, TOY_PROMPTS, policy, Sampling(30, eos_ids=[], pad_id=0), adapter, compile=True)
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
     assert sum(map(len, eager.evictions)) >= 6 and torch.equal(eager.tokens, fallen.tokens)
     torch.testing.assert_close(fallen.logprobs, eager.logprobs, rtol=0, atol=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        again = generate(toy, TOY_PROMPTS, policy, 30, adapter, eos_ids=[], pad_id=0, compile=True)
+        again = generate(toy, TOY_PROMPTS, policy, Sampling(30, eos_ids=[], pad_id=0), adapter, compile=True)
     assert torch.equal(again.tokens, eager.tokens) and len(calls) == {"creation": 0, "first call": 1}.get(when, 6)

@@ -50,14 +50,13 @@ def test_grades_and_aggregates_known_completions(monkeypatch):
                for i, p in enumerate(PROBLEMS)}
     batches = []
 
-    def fake_generate(model, prompt_ids, policy, max_new, adapter=None, temperature=0.0, top_p=1.0, generator=None,
-                      **_):
+    def fake_generate(model, prompt_ids, policy, sampling, *_):
         texts = [answers[prompts[tok.decode(p)]].pop(0) for p in prompt_ids]  # KeyError: not the templated prompt
         batches.append(len(texts))
         T = max(map(len, texts))
         tokens = torch.tensor([[ord(c) for c in t] + [0] * (T - len(t)) for t in texts])  # (B, T)
         mask = torch.tensor([[j < len(t) for j in range(T)] for t in texts])  # (B, T)
-        return rollout.Rollout(None, None, tokens, None, mask, torch.tensor([len(t) >= max_new for t in texts]),
+        return rollout.Rollout(None, None, tokens, None, mask, torch.tensor([len(t) >= sampling.max_new for t in texts]),
                                evictions=[[0, 3]] * len(texts), stats=dict(seconds=1.0, tokens=int(mask.sum())))
 
     monkeypatch.setattr(ev.rollout, "generate", fake_generate)

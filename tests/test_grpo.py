@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grpo import aggregate, group_advantages, grpo_loss, kl_k3, kl_penalty, policy_loss  # noqa: E402
+from grpo import LossConfig, aggregate, group_advantages, grpo_loss, kl_k3, kl_penalty, policy_loss  # noqa: E402
 
 LN2 = math.log(2)
 
@@ -130,7 +130,7 @@ def test_kl_estimators_in_grpo_loss_by_hand():
     for estimator, grad in (("k3", -0.1), ("k3-ratio", -0.1 * LN2)):
         logp = torch.tensor([[-2.0]], requires_grad=True)
         loss, stats = grpo_loss(logp, logp.detach(), torch.zeros(1), torch.ones(1, 1), logp.detach() + LN2,
-                                beta=0.1, kl_estimator=estimator)
+                                LossConfig(beta=0.1, kl_estimator=estimator))
         loss.backward()
         close(logp.grad, [[grad]])
         assert stats["kl"] == pytest.approx(0.306853, abs=1e-6)
@@ -187,7 +187,7 @@ def test_ratio_one_gradient_is_minus_advantage_over_count():
 
 def test_bf16_inputs_compute_in_float32():
     logp = torch.tensor([[-1.0, -2.0]], dtype=torch.bfloat16)
-    loss, _ = grpo_loss(logp, logp, torch.tensor([1.0]), torch.ones(1, 2), ref_logp=logp - 0.5, beta=0.1)
+    loss, _ = grpo_loss(logp, logp, torch.tensor([1.0]), torch.ones(1, 2), logp - 0.5, LossConfig(beta=0.1))
     assert loss.dtype == torch.float32
 
 
@@ -224,21 +224,21 @@ def test_micro_batches_sum_to_full_batch(how):
     adv = torch.randn(n, generator=g)
     lengths = torch.tensor([6, 1, 3, 4, 2])  # uneven: a plain mean of micro-batch means would be wrong
     mask = torch.arange(t)[None, :] < lengths[:, None]  # (n, t)
-    kw = dict(beta=0.05, how=how, max_new=t)
+    cfg = LossConfig(beta=0.05, how=how, max_new=t)
 
     full_logp = base.clone().requires_grad_()
-    full, _ = grpo_loss(full_logp, old, adv, mask, ref, **kw)
+    full, _ = grpo_loss(full_logp, old, adv, mask, ref, cfg)
     full.backward()
 
     split_logp = base.clone().requires_grad_()
     totals = dict(n_rows=n, n_tokens=mask.sum())
-    parts = [grpo_loss(split_logp[s], old[s], adv[s], mask[s], ref[s], **kw, **totals)[0]
+    parts = [grpo_loss(split_logp[s], old[s], adv[s], mask[s], ref[s], cfg, **totals)[0]
              for s in (slice(0, 2), slice(2, 5))]
     sum(parts).backward()
     close(sum(parts).detach(), full.detach(), tol=1e-6)
     close(split_logp.grad, full_logp.grad, tol=1e-6)
     # without the totals each part normalises by its own counts, and the sum is not the full loss
-    naive = sum(grpo_loss(base[s], old[s], adv[s], mask[s], ref[s], **kw)[0] for s in (slice(0, 2), slice(2, 5)))
+    naive = sum(grpo_loss(base[s], old[s], adv[s], mask[s], ref[s], cfg)[0] for s in (slice(0, 2), slice(2, 5)))
     assert not torch.allclose(naive, full.detach())
 
 
@@ -253,7 +253,7 @@ def test_grpo_loss_gradient_by_hand():
     logp = torch.tensor([[-1.0, -2.0], [-0.5, -1.5]], requires_grad=True)
     ref = logp.detach() + torch.tensor([[0.0, LN2], [-LN2, math.log(3)]])
     mask = torch.tensor([[1, 1], [1, 0]])
-    loss, stats = grpo_loss(logp, logp.detach(), torch.tensor([1.0, -0.5]), mask, ref_logp=ref, beta=0.1)
+    loss, stats = grpo_loss(logp, logp.detach(), torch.tensor([1.0, -0.5]), mask, ref, LossConfig(beta=0.1))
     loss.backward()
     close(loss.detach(), -1.45 / 3)
     close(logp.grad, [[-1 / 3, -1.1 / 3], [0.55 / 3, 0.0]])
@@ -290,6 +290,6 @@ def test_all_equal_rewards_give_zero_gradient():
 def test_grpo_loss_errors():
     logp = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="ref_logp"):
-        grpo_loss(logp, logp, torch.zeros(2), torch.ones(2, 3), beta=0.1)
+        grpo_loss(logp, logp, torch.zeros(2), torch.ones(2, 3), cfg=LossConfig(beta=0.1))
     with pytest.raises(ValueError, match="adv"):
         grpo_loss(logp, logp, torch.zeros(3), torch.ones(2, 3))

@@ -122,7 +122,7 @@ def test_cached_decoding_equals_one_forward(tiny_qwen, packed):
 def test_generate_logprobs_equal_one_forward(tiny_qwen):
     ours = M.load(tiny_qwen[0])
     prompt = random_tokens((1, 7))[0].tolist()
-    out = rollout.generate(ours, [prompt], rollout.CachePolicy("full"), max_new=20, eos_ids=[])
+    out = rollout.generate(ours, [prompt], rollout.CachePolicy("full"), rollout.Sampling(20, eos_ids=[]))
     seq = torch.cat([torch.tensor([prompt]), out.tokens], 1)
     with torch.no_grad():
         logp = torch.log_softmax(ours(seq)[:, len(prompt) - 1:-1], -1).gather(-1, out.tokens[..., None])[..., 0]
@@ -272,5 +272,5 @@ def test_smollm2_logits_equal_transformers(smol):
 def test_smollm2_answers_paris(smol):
     _, ours, tok = smol
     out = rollout.generate(ours, [chatml(tok, "What is the capital of France?")], rollout.CachePolicy("full"),
-                           max_new=24)
+                           rollout.Sampling(24))
     assert "Paris" in tok.decode(out.tokens[0][out.mask[0]].tolist())

@@ -11,7 +11,7 @@ from cache import MaskedForward, RingCache, evict_count, eviction_steps, thought
 from encoder import Adapter, AdapterConfig
 import rollout
 from cache import Schedule
-from rollout import CachePolicy, fold, generate, sample, score
+from rollout import CachePolicy, Sampling, fold, generate, sample, score
 
 # left-padded to P = 8; picked so that greedy decoding of the tiny model does not loop on one token in every row
 PROMPTS = [[47, 77, 70, 9, 43, 53, 67, 40], [32, 51, 44, 43, 93], [42, 44, 35]]
@@ -27,10 +27,12 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def run(model, policy, adapter=None, budget=P + W, evict=0.25, max_new=MAX_NEW, **kw):
+def run(model, policy, adapter=None, budget=P + W, evict=0.25, max_new=MAX_NEW, temperature=1.0, eos_ids=(),
+        prefill_rows=None):
     """generate on PROMPTS: temperature 1, seeded, no EOS unless asked."""
-    kw = dict(temperature=1.0, eos_ids=[], pad_id=0, generator=gen()) | kw
-    return generate(model, PROMPTS, CachePolicy(policy, budget, evict), max_new, adapter, **kw)
+    sampling = Sampling(max_new, temperature, eos_ids=list(eos_ids), pad_id=0)
+    return generate(model, PROMPTS, CachePolicy(policy, budget, evict), sampling, adapter, gen(),
+                    prefill_rows=prefill_rows)
 
 
 def make_adapter(cfg, mode, b_std=0.1):
@@ -301,7 +303,7 @@ def test_score_attends_over_each_rows_own_context(tiny, monkeypatch):
         init(self, past_k, past_v, index, key_pos, query_pos, dtype)
     monkeypatch.setattr(cache.ReplayCache, "__init__", spy)
     prompts, adapter = [[5, 6, 7], [(11 * i) % 97 for i in range(300)]], make_adapter(tiny.config, "pte")
-    roll = generate(tiny, prompts, CachePolicy("pte", 320), 60, adapter, 1.0, eos_ids=[], pad_id=0, generator=gen())
+    roll = generate(tiny, prompts, CachePolicy("pte", 320), Sampling(60, 1.0, eos_ids=[], pad_id=0), adapter, gen())
     assert roll.evictions[1][:2] == [20, 25] and roll.evictions[0] == []
     with torch.no_grad():
         logp = score(tiny, roll, CachePolicy("pte", 320), adapter, 1.0)
@@ -332,8 +334,8 @@ def test_memory_is_the_budget(tiny, monkeypatch):
     prompts, cfg = [[5, 6, 7], [(11 * i) % 97 for i in range(300)]], tiny.config
     adapter = make_adapter(cfg, "pte")
     for policy, max_new, slots in (("window", 40, 320), ("window", 400, 320), ("pte", 40, 320), ("full", 40, 340)):
-        roll = generate(tiny, prompts, CachePolicy(policy, 320), max_new, adapter if policy == "pte" else None,
-                        eos_ids=[], pad_id=0)
+        roll = generate(tiny, prompts, CachePolicy(policy, 320), Sampling(max_new, eos_ids=[], pad_id=0),
+                        adapter if policy == "pte" else None)
         assert roll.stats["steps"] == max_new and roll.stats["cache_slots"] == slots, policy
         assert caches[-1].k.shape == caches[-1].v.shape == (cfg.n_layers, 2, cfg.n_kv_heads, slots, cfg.head_dim)
         assert roll.evictions[1] == ([] if policy == "full" else list(range(20, max_new - 1, 5)))  # W 20, m 5
@@ -368,7 +370,7 @@ def test_a_row_decodes_alone_as_in_any_batch(tiny, policy):
     batch = run(tiny, policy, adapter, **kw)
     assert (policy == "full") == (batch.evictions == [[]] * 3)
     for row, prompt in enumerate(PROMPTS):
-        alone = generate(tiny, [prompt], CachePolicy(policy, P + W), 30, adapter, eos_ids=[], pad_id=0)
+        alone = generate(tiny, [prompt], CachePolicy(policy, P + W), Sampling(30, eos_ids=[], pad_id=0), adapter)
         assert torch.equal(alone.tokens[0], batch.tokens[row]) and alone.evictions[0] == batch.evictions[row]
         torch.testing.assert_close(alone.logprobs[0], batch.logprobs[row], rtol=0, atol=1e-5)
     for chunk in (1, 2):
@@ -473,7 +475,7 @@ def test_smollm2_window_equals_masked_reference(smol):
     from transformers import AutoModelForCausalLM
     folder, ours, tok = smol
     prompt = chatml(tok, "Write a short paragraph about the history of Paris.")
-    roll = generate(ours, [prompt], CachePolicy("window", len(prompt) + 32), 80, eos_ids=[])
+    roll = generate(ours, [prompt], CachePolicy("window", len(prompt) + 32), Sampling(80, eos_ids=[]))
     assert len(roll.evictions[0]) >= 5
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert masked_diff(roll.logprobs, hf_reference(hf, roll, [(32, 8)]), roll.mask) < 1e-4
@@ -483,10 +485,10 @@ def test_smollm2_window_equals_masked_reference(smol):
 def test_smollm2_answers_under_window(smol, capsys):
     _, ours, tok = smol
     prompt = chatml(tok, "What is the capital of France?")
-    out = generate(ours, [prompt], CachePolicy("window", len(prompt) + 64), 32)
+    out = generate(ours, [prompt], CachePolicy("window", len(prompt) + 64), Sampling(32))
     assert "Paris" in tok.decode(out.tokens[0][out.mask[0]].tolist())
     prompt = chatml(tok, "Write a short paragraph about the history of Paris.")
-    out = generate(ours, [prompt], CachePolicy("window", len(prompt) + 24), 80)
+    out = generate(ours, [prompt], CachePolicy("window", len(prompt) + 24), Sampling(80))
     tokens = out.tokens[0][out.mask[0]].tolist()
     with capsys.disabled():
         print(f"\n[window, budget prompt + 24, {len(out.evictions[0])} evictions] {tok.decode(tokens)!r}")
@@ -542,7 +544,7 @@ def test_truncate_feeds_the_encoder_from_every_target(tiny):
     targets of a piece that does not open with that row's eviction see S as a constant."""
     adapter = make_adapter(tiny.config, "pte")
     prompts = [PROMPTS[0], PROMPTS[2]]
-    roll = generate(tiny, prompts, CachePolicy("pte", 19), 24, adapter, 1.0, eos_ids=[], pad_id=0, generator=gen())
+    roll = generate(tiny, prompts, CachePolicy("pte", 19), Sampling(24, 1.0, eos_ids=[], pad_id=0), adapter, gen())
     assert roll.evictions == [[11, 14, 17, 20], [16, 20]]
     for row, first in enumerate((11, 16)):
         for t in range(first + 1, 24):  # targets after the row's first eviction (S(0) is recomputed in every piece)
@@ -556,8 +558,8 @@ def test_score_gradients_equal_finite_differences(tiny_qwen):
     differences in fp64: it fails if the chain of S, the keys' path into S or S(0)'s global tokens is detached."""
     model = M.load(tiny_qwen[0], dtype=torch.float64)
     adapter = make_adapter(model.config, "pte").double()
-    roll = generate(model, PROMPTS, CachePolicy("pte", P + W), MAX_NEW, adapter, 1.0, eos_ids=[], pad_id=0,
-                    generator=gen())
+    roll = generate(model, PROMPTS, CachePolicy("pte", P + W), Sampling(MAX_NEW, 1.0, eos_ids=[], pad_id=0), adapter,
+                    gen())
     weights = torch.randn(roll.tokens.shape, generator=gen(1), dtype=torch.float64)
     loss = lambda: (score(model, roll, CachePolicy("pte", P + W), adapter, 1.0) * weights).sum()  # noqa: E731
     names = ["q_g", "W_Q", "W_K", "W_V", "k_g", "v_g"]

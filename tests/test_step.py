@@ -7,7 +7,7 @@ import torch
 import train
 from encoder import Adapter, AdapterConfig, trainable
 from model import load
-from rollout import CachePolicy, generate, score
+from rollout import CachePolicy, Sampling, generate, score
 from test_rollout import P, W, early_stopping_eos, make_adapter, run, tiny  # noqa: F401 (tiny: a fixture)
 from data import make_problems
 from toy import make_tokenizer
@@ -24,7 +24,7 @@ def toy_step():
             b.normal_(0, 0.3)
     tok = make_tokenizer()
     prompts = [tok.encode(p["problem"], add_special_tokens=False).ids for p in make_problems(8, seed=5)]
-    ro = generate(model, prompts, CachePolicy("pte", 27), 24, adapter, 1.0, generator=torch.Generator().manual_seed(0))
+    ro = generate(model, prompts, CachePolicy("pte", 27), Sampling(24, 1.0), adapter, torch.Generator().manual_seed(0))
     return model, adapter, ro, torch.randn(8, generator=torch.Generator().manual_seed(1))
 
 
@@ -162,9 +162,9 @@ def test_kl_estimator_reaches_the_loss(toy_step, monkeypatch):
     (their gradients are those of KL(pi || ref) and KL(ref || pi): tests/test_grpo.py); the default stays k3."""
     seen, real_loss = [], train.grpo_loss
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs["kl_estimator"])
-        return real_loss(*args, **kwargs)
+    def spy(logp, old_logp, adv, mask, ref_logp, cfg, *totals):
+        seen.append(cfg.kl_estimator)
+        return real_loss(logp, old_logp, adv, mask, ref_logp, cfg, *totals)
     monkeypatch.setattr(train, "grpo_loss", spy)
     sgd = lambda p: torch.optim.SGD(p, lr=1.0)  # noqa: E731
     k3_stats, k3_moved, _ = step(toy_step, sgd, "--beta", "0.5")

@@ -10,7 +10,7 @@ import toy
 from cache import MaskedForward, evict_count, eviction_steps, thought_slots
 from data import chat_family
 from model import TOY_DIR, load, load_tokenizer
-from rollout import CachePolicy, generate
+from rollout import CachePolicy, Sampling, generate
 
 
 def chain(problem):
@@ -86,7 +86,7 @@ def test_shipped_model_full_cache_solves_window_forgets():
     assert {len(p) for p in prompts} == {data.PROMPT_LEN} and prompts[0][0] == data.ID["<bos>"]
     acc = {}
     for policy in ("full", "window"):
-        out = generate(model, prompts, CachePolicy(policy, budget=data.PROMPT_LEN + 8), max_new=24)
+        out = generate(model, prompts, CachePolicy(policy, budget=data.PROMPT_LEN + 8), Sampling(24))
         assert not out.truncated.any() and out.mask.sum(1).tolist() == [data.TRACE_LEN] * 64  # stops on <eos>
         texts = tokenizer.decode_batch(out.tokens.tolist(), skip_special_tokens=True)
         acc[policy] = sum(grade.score(t, p["answer"]) for t, p in zip(texts, problems)) / 64
@@ -136,7 +136,7 @@ def test_shipped_model_spreads_the_recall_over_the_digits_when_the_memo_is_gone(
     entropy = {}
     for policy in ("full", "window"):
         pol = CachePolicy(policy, toy.TOY_DEFAULTS["cache"])
-        out = generate(model, prompts, pol, max_new=data.TRACE_LEN)
+        out = generate(model, prompts, pol, Sampling(data.TRACE_LEN))
         with torch.no_grad():
             ent = score(model, out, pol,
                         token_fn=lambda logits, _, span: -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1))
