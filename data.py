@@ -288,7 +288,7 @@ def draw_digits(n, generator, n_ops=N_OPS):
 def encode(digits):
     """digits (n, 17) -> prompt ids (n, 19) and the full-cache trace ids (n, 22)."""
     n, x = len(digits), digits.cumsum(1) % 10  # x0..x16 (n, 17)
-    tok = lambda name: torch.full((n, 1), ID[name])
+    tok = lambda name: torch.full((n, 1), ID[name])  # noqa: E731
     steps = DIGIT + x[:, 1:]  # (n, 16) x1..x16
     steps[:, MEMO_AT - 1] = MEMO + x[:, MEMO_AT]  # x4 as its memo token
     recall = x[:, MEMO_AT:MEMO_AT + 1]  # (n, 1)

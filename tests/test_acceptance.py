@@ -1,6 +1,7 @@
-"""`python experiments/bench.py --gpu`, the GPU acceptance, dry-run on the CPU at tiny sizes (the toy's shapes, torch.compile's
-"eager" backend): every part runs in its subprocess, writes its log and result, and the table is saved. Whether
-each check passes is for the GPU run; here the script must work end to end and each part must report its values."""
+"""`python experiments/bench.py --gpu`, the GPU acceptance, dry-run on the CPU at tiny sizes (the toy's shapes,
+torch.compile's "eager" backend): every part runs in its subprocess, writes its log and result, and the table is saved.
+Whether each check passes is for the GPU run; here the script must work end to end and each part must report its
+values."""
 import json
 import os
 import subprocess
@@ -13,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_acceptance_dry_run_on_the_cpu(tmp_path):
     out = tmp_path / "acceptance"
     done = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--gpu", "--device", "cpu",
-                           "--gpu-model", "toy", "--quick", "--compile-backend", "eager", "--threads", "1", "--out", str(out)],
+                           "--gpu-model", "toy", "--quick", "--compile-backend", "eager", "--threads", "1",
+                           "--out", str(out)],
                           capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, PTE_QWEN_TOKENIZER=""))
     assert done.returncode in (0, 1), done.stderr[-3000:]  # 1: a check failed, which the table says
     results = {r["part"]: r for r in json.loads((out / "acceptance.json").read_text())}

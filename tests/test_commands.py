@@ -10,7 +10,8 @@ from conftest import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # `python x.py`, `python -m x`, `torchrun [flags] x.py`: the script or module after the launcher and its own flags
-COMMAND = re.compile(r"(?:\bpython3?|\btorchrun)((?:\s+--?[\w-]+(?:[ =](?!-)[^\s`]+)?)*?)\s+(-m\s+[\w.]+|[\w./-]+\.py)\b")
+COMMAND = re.compile(r"(?:\bpython3?|\btorchrun)((?:\s+--?[\w-]+(?:[ =](?!-)[^\s`]+)?)*?)"
+                     r"\s+(-m\s+[\w.]+|[\w./-]+\.py)\b")
 
 
 def commands():

@@ -56,7 +56,8 @@ def test_grades_and_aggregates_known_completions(monkeypatch):
         T = max(map(len, texts))
         tokens = torch.tensor([[ord(c) for c in t] + [0] * (T - len(t)) for t in texts])  # (B, T)
         mask = torch.tensor([[j < len(t) for j in range(T)] for t in texts])  # (B, T)
-        return rollout.Rollout(None, None, tokens, None, mask, torch.tensor([len(t) >= sampling.max_new for t in texts]),
+        truncated = torch.tensor([len(t) >= sampling.max_new for t in texts])
+        return rollout.Rollout(None, None, tokens, None, mask, truncated,
                                evictions=[[0, 3]] * len(texts), stats=dict(seconds=1.0, tokens=int(mask.sum())))
 
     monkeypatch.setattr(ev.rollout, "generate", fake_generate)

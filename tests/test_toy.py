@@ -187,7 +187,8 @@ def test_memo_family_by_hand():
 
 
 def test_recall_score_counts_memos():
-    _, trace = toy.encode_memos(data.draw_digits(2, torch.Generator().manual_seed(0), 32), 2)  # (2, 12): recall at 9, 10
+    digits = data.draw_digits(2, torch.Generator().manual_seed(0), 32)
+    _, trace = toy.encode_memos(digits, 2)  # (2, 12): recall at 9, 10
     assert toy.recall_score(trace, trace, 2) == 1.0
     wrong = trace.clone()
     wrong[0, 9] = data.ID["<eos>"]
