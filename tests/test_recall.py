@@ -1,0 +1,85 @@
+"""experiments/recall.py: the recall texts (seeded, training and held-out pairs disjoint, the fact evicted before the
+recall, labelled items), the teacher's alignment with score under the full cache, the quick mode end to end with its
+resume, and the mechanism: distilled PTE recalls digits the bare window cannot."""
+import json
+
+import pytest
+import torch
+
+import model as M
+import recall as R
+from rollout import CachePolicy, score
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    return M.load_tokenizer(smollm2)
+
+
+def test_letter_split_halves_the_letters():
+    train, held = R.letter_split(0)
+    assert len(train) == len(held) == 10 and sorted(train + held) == sorted(R.LETTERS)
+    assert R.letter_split(0) == (train, held) and R.letter_split(1) != (train, held)
+
+
+@pytest.mark.parametrize("k, distance", [(1, 1), (4, 1), (8, 1), (4, 2), (4, 4)])
+def test_texts_are_seeded_disjoint_labelled_and_evict_the_fact_before_the_recall(tokenizer, k, distance):
+    task, eos = R.Task(k=k, distance=distance), 2
+    train, held = (R.make_texts(task, tokenizer, 12, split, eos) for split in ("train", "held-out"))
+    assert train == R.make_texts(task, tokenizer, 12, "train", eos)  # seeded
+    assert train != R.make_texts(task, tokenizer, 12, "train", eos, draw=1)
+    letters = lambda texts: set("".join(t.letters for t in texts))  # noqa: E731
+    assert letters(train) <= set(R.letter_split(0)[0]) and letters(held) <= set(R.letter_split(0)[1])
+    assert len({t.digits[0] for t in train + held}) >= 6  # the digits are drawn, not fixed
+    P = len(train[0].prompt)
+    evictions = CachePolicy("window", P + task.window, task.evict).schedule([P], 300).steps(0, 300)
+    assert evictions[:2] == [task.window, task.window + task.m]
+    for text in train + held:
+        prompt = tokenizer.decode(text.prompt, skip_special_tokens=False)
+        assert len(text.prompt) == P and not any(c.isdigit() for c in prompt)  # the prompt never holds the fact
+        assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+        assert all(f" {c}" in prompt for c in text.letters) and len(set(text.letters)) == k  # the labels are pinned
+        for where in (text.stated, text.facts):  # each digit follows its own letter: labelled items
+            assert [tokenizer.decode([text.thoughts[j]]) for j in where] == list(text.digits)
+            assert [tokenizer.decode([text.thoughts[j - 1]]) for j in where] == [f" {c}" for c in text.letters]
+        assert max(text.stated) < task.m  # the first eviction (before thought W) takes the whole fact
+        # the first recalled digit is predicted at the token before it, after exactly `distance` evictions
+        assert sum(t <= text.facts[0] - 1 for t in evictions) == distance and text.facts[0] > task.window
+        assert text.thoughts[-1] == eos and text.facts[-1] < len(text.thoughts) - 1
+
+
+def tiny_texts(n_prompt=6, lengths=(20, 17)):
+    """Random ids in the tiny model's vocabulary, shaped like recall texts: one digit stated at thought 1, recalled
+    at thought 12 (W = 8, m = 4: evictions before thoughts 8, 12, 16)."""
+    gen = torch.Generator().manual_seed(0)
+    return [R.Text(torch.randint(3, 97, (n_prompt,), generator=gen).tolist(),
+                   torch.randint(3, 97, (n,), generator=gen).tolist(), [12], [1], "K", "4") for n in lengths]
+
+
+def test_teacher_is_the_full_cache_and_the_window_departs_after_its_first_eviction(tiny_qwen):
+    """The teacher's states line up with score's tokens: under the full cache the KL is 0 at every token; the bare
+    window's is 0 up to thought W (its predictions saw no eviction) and not after."""
+    net, task = M.load(tiny_qwen[0]), R.Task(k=1, distance=2, window=8, evict=0.5)
+    texts = tiny_texts()
+    full, cache = R.as_rollout(texts, task, "full", 0)
+    hidden = R.teacher_hidden(net, full)
+    assert full.evictions == [[], []] and full.mask.sum(1).tolist() == [20, 17]
+    kl = score(net, full, cache, None, use_checkpoint=False, token_fn=R.kl_to_teacher(net, hidden))
+    assert kl[full.mask].abs().max() < 1e-5
+    window, cache = R.as_rollout(texts, task, "window", 0)
+    assert window.evictions == [[8, 12, 16], [8, 12, 16]]  # every row evicts on the schedule of the padded length
+    kl = score(net, window, cache, None, use_checkpoint=False, token_fn=R.kl_to_teacher(net, hidden))
+    assert kl[:, :task.window + 1].abs().max() < 1e-5 and (kl[:, task.window + 1:] > 1e-4).any()
+    record = R.evaluate(net, None, task, [(texts, window, cache, hidden)])
+    assert record["other_n"] == [20 - 9 - 1, 17 - 9 - 1]  # thoughts 9 .. end, less the recalled digit
+    assert record["digit_kl"] == pytest.approx(kl[:, 12].tolist(), abs=1e-6)
+    assert record["other_kl"][1] == pytest.approx((kl[1, 9:17].sum() - kl[1, 12]).item(), rel=1e-5)
+
+
+def test_summaries_by_hand():
+    assert R.mean_se([1.0, 0.0, 0.0, 1.0]) == pytest.approx((0.5, (1 / 3 / 4) ** 0.5))
+    record = dict(accuracy=[1.0, 0.5], digit_kl=[0.0, 2.0], other_kl=[3.0, 1.0], other_n=[3, 1])
+    s = R.summary(record)
+    assert s["other_kl"] == pytest.approx((1.0, 0.0)) and s["accuracy"] == pytest.approx((0.75, 0.25))
+    d = R.differences(record, dict(record, accuracy=[0.0, 0.0]))
+    assert d["accuracy"] == [1.0, 0.5] and d["other_kl"] == [0.0, 0.0]
