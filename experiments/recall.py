@@ -28,6 +28,7 @@ the settings tried. Writes to --out: ledger.json (every finished run, rewritten 
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -47,7 +48,7 @@ import data  # noqa: E402
 import model as models  # noqa: E402
 import plot  # noqa: E402
 from cache import evict_count  # noqa: E402
-from encoder import Adapter, AdapterConfig, param_groups, trainable  # noqa: E402
+from encoder import Adapter, AdapterConfig, load_adapter, param_groups, save_adapter, trainable  # noqa: E402
 from rollout import CachePolicy, Rollout, score  # noqa: E402
 
 BUILT = Path.home() / ".cache" / "smollm2-135m-instruct"  # where the project's SmolLM2 build script puts it
@@ -230,27 +231,36 @@ def kl_to_teacher(net, hidden, argmax=None):
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One row of one table: the row, its task, and (trained rows) the adapter and its optimiser."""
+    """One row of one table: the row, the task it is evaluated on, and (trained rows) what it is trained on, the
+    adapter and its optimiser. texts "twins": trained and evaluated on twins(), not on drawn texts."""
     row: str
     task: Task = Task()
+    train: tuple = ()  # the tasks trained on, a step each in turn (default: the evaluated task)
+    texts: str = "drawn"
     rank: int = 32
     alpha: float = 32.0
     targets: str = "q,k,v,o"
     b_init: float = 0.0
     lr: float = 1e-3
     encoder_lr: float | None = None
+    v_scale: float = 1.0  # W_V's initial scale times this (10: the scale of W_K, the paper's)
     seed: int = 0
 
     @property
     def trained(self):
         return ROWS[self.row][0] is not None
 
+    def train_key(self):
+        """The name of the trained adapter (rows evaluated on several tasks share one)."""
+        tasks = "+".join(f"k{t.k}d{t.distance}W{t.window}e{t.evict}" for t in self.train or (self.task,))
+        return (f"{self.row} {self.texts} {tasks} r{self.rank} a{self.alpha:g} {self.targets} b{self.b_init:g} "
+                f"lr{self.lr:g} elr{self.encoder_lr or self.lr:g} v{self.v_scale:g} s{self.seed}")
+
     def key(self):
-        """The ledger's name of the run (an untrained row depends on its task only)."""
+        """The ledger's name of the run (an untrained row depends on its texts and task only)."""
         t = self.task
-        name = f"{self.row} k{t.k} d{t.distance} W{t.window} e{t.evict}"
-        return name if not self.trained else (f"{name} r{self.rank} a{self.alpha:g} {self.targets} b{self.b_init:g} "
-                                              f"lr{self.lr:g} elr{self.encoder_lr or self.lr:g} s{self.seed}")
+        evaluated = f"{self.texts} k{t.k} d{t.distance} W{t.window} e{t.evict}"
+        return f"{self.train_key()} -> {evaluated}" if self.trained else f"{self.row} {evaluated}"
 
 
 def distill(net, setting, batches, n_globals, grad_clip=1.0):
@@ -261,6 +271,9 @@ def distill(net, setting, batches, n_globals, grad_clip=1.0):
     torch.manual_seed(setting.seed)  # A and B first in Adapter: every row of a seed starts from the same weights
     adapter = Adapter(net.config, AdapterConfig(mode, setting.rank, setting.alpha, n_globals,
                                                 setting.targets.split(","), setting.b_init))
+    if adapter.encodes and setting.v_scale != 1:
+        with torch.no_grad():
+            adapter.W_V.mul_(setting.v_scale)
     optimizer = torch.optim.AdamW(param_groups(adapter, setting.lr, setting.encoder_lr), lr=setting.lr,
                                   weight_decay=0.0)
     losses, digit_kls = [], []
@@ -278,9 +291,10 @@ def distill(net, setting, batches, n_globals, grad_clip=1.0):
 
 @torch.no_grad()
 def evaluate(net, adapter, task, batches):
-    """Per held-out text: accuracy of the greedy token at the k recalled digits, mean KL there, and the KL summed
-    over every other completion token whose prediction saw an eviction (thoughts W + 1 on) with its count."""
-    out = dict(accuracy=[], digit_kl=[], other_kl=[], other_n=[])
+    """Per held-out text: accuracy of the greedy token at the k recalled digits and at the first of them, mean KL
+    there, and the KL summed over every other completion token whose prediction saw an eviction (thoughts W + 1 on)
+    with its count."""
+    out = dict(accuracy=[], digit_kl=[], first=[], first_kl=[], other_kl=[], other_n=[])
     for texts, ro, cache, hidden in batches:
         argmax = torch.zeros_like(ro.tokens)  # (B, T)
         kl = score(net, ro, cache, adapter, use_checkpoint=False, token_fn=kl_to_teacher(net, hidden, argmax))
@@ -289,10 +303,31 @@ def evaluate(net, adapter, task, batches):
             other = torch.zeros(ro.tokens.shape[1], dtype=torch.bool)
             other[task.window + 1:len(text.thoughts)] = True
             other[facts] = False
-            out["accuracy"].append((argmax[b, facts] == ro.tokens[b, facts]).float().mean().item())
+            right = argmax[b, facts] == ro.tokens[b, facts]  # (k,)
+            out["accuracy"].append(right.float().mean().item())
             out["digit_kl"].append(kl[b, facts].mean().item())
+            out["first"].append(right[0].float().item())
+            out["first_kl"].append(kl[b, facts[0]].item())
             out["other_kl"].append(kl[b, other].sum().item())
             out["other_n"].append(int(other.sum()))
+    return out
+
+
+def twins(task, tokenizer, n, eos_id, data_seed=0):
+    """n texts identical but for the digits (text i adds 3 i mod 10 to each): same prompt, letters and filler. Up to
+    the first recalled digit a row without S sees the same tokens in all of them, so it predicts that digit alike
+    in all, and is right in at most one; only S (the evicted fact) can tell them apart."""
+    if not 1 <= n <= 10:
+        raise ValueError(f"{n} twins: between 1 and 10 (their first digits differ)")
+    base = make_texts(task, tokenizer, 1, "train", eos_id, data_seed, draw="twins")[0]
+    ids = [tokenizer.token_to_id(str(d)) for d in range(10)]
+    out = []
+    for i in range(n):
+        digits = "".join(str((int(c) + 3 * i) % 10) for c in base.digits)
+        thoughts = list(base.thoughts)
+        for j, d in zip(base.stated + base.facts, digits + digits):
+            thoughts[j] = ids[int(d)]
+        out.append(dataclasses.replace(base, thoughts=thoughts, digits=digits))
     return out
 
 
@@ -303,38 +338,86 @@ def prepared(net, tokenizer, task, split, n, size, args, memo, draw=0):
     key = (task, split, n, size, draw)
     if key not in memo:
         eos = net.config.eos_ids[0]
-        texts = make_texts(task, tokenizer, n, split, eos, args.data_seed, draw)
-        if len(memo) >= 4:  # a few tasks' states at a time (tens of MB each)
+        texts = (twins(task, tokenizer, args.twins, eos, args.data_seed) if split == "twins" else
+                 make_texts(task, tokenizer, n, split, eos, args.data_seed, draw))
+        if len(memo) >= 6:  # a few tasks' states at a time (tens of MB each)
             memo.clear()
         memo[key] = [(chunk, teacher_hidden(net, as_rollout(chunk, task, "full", eos)[0]))
-                     for chunk in (texts[i:i + size] for i in range(0, n, size))]
+                     for chunk in (texts[i:i + size] for i in range(0, len(texts), size))]
     return memo[key]
 
 
+def record(args, ledger, section, key, value):
+    """ledger[section][key] = value, merged into the file's ledger (two commands may share one) and written
+    atomically."""
+    path = args.out / "ledger.json"
+    if path.exists():
+        on_disk = json.loads(path.read_text())
+        for name in ("adapters", "runs"):
+            ledger[name].update(on_disk[name])
+    ledger[section][key] = value
+    data.atomic_write(path, lambda p: p.write_text(json.dumps(ledger)))
+
+
+def trained(net, tokenizer, setting, args, ledger, memo):
+    """The setting's adapter: loaded from --out/adapters when a run trained it before, else distilled (a step per
+    batch, cycling through its training tasks) and saved there."""
+    folder = args.out / "adapters" / hashlib.sha1(setting.train_key().encode()).hexdigest()[:12]
+    if setting.train_key() in ledger["adapters"] and (folder / "adapter.json").exists():
+        return load_adapter(folder, net.config)
+    t0, eos, tasks = time.perf_counter(), net.config.eos_ids[0], setting.train or (setting.task,)
+    policy = ROWS[setting.row][1]
+    if setting.texts == "twins":
+        batches = prepared(net, tokenizer, setting.task, "twins", args.twins, args.twins, args, memo) * args.twin_steps
+        batches = [(texts, *as_rollout(texts, setting.task, policy, eos), hidden) for texts, hidden in batches]
+    else:
+        per_task = -(-args.steps // len(tasks))
+        drawn = [prepared(net, tokenizer, task, "train", per_task * args.batch, args.batch, args, memo,
+                          draw=setting.seed) for task in tasks]
+        batches = [(texts, *as_rollout(texts, tasks[i % len(tasks)], policy, eos), hidden) for i in range(args.steps)
+                   for texts, hidden in [drawn[i % len(tasks)][i // len(tasks)]]]
+    adapter, losses, digit_kls = distill(net, setting, batches, args.globals)
+    save_adapter(adapter, folder, train_key=setting.train_key())
+    record(args, ledger, "adapters", setting.train_key(), dict(losses=losses, digit_kl=digit_kls,
+                                                               seconds=time.perf_counter() - t0))
+    print(f"trained {setting.train_key()}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return adapter
+
+
 def run(net, tokenizer, setting, args, ledger, memo):
-    """One row: distil it (trained rows), evaluate it on the held-out texts; recorded in the ledger, or read back
-    from it when a previous invocation finished it."""
+    """One row: its adapter (trained rows), evaluated on the held-out texts (the twins themselves for "twins");
+    recorded in the ledger, or read back from it when a command finished it before."""
     key = setting.key()
+    if key not in ledger["runs"] and (args.out / "ledger.json").exists():  # another command may have finished it
+        on_disk = json.loads((args.out / "ledger.json").read_text())
+        for name in ("adapters", "runs"):
+            ledger[name].update(on_disk[name])
     if key in ledger["runs"]:
         return ledger["runs"][key]
-    t0, eos = time.perf_counter(), net.config.eos_ids[0]
-    policy, adapter, losses, digit_kls = ROWS[setting.row][1], None, [], []
-    if setting.trained:
-        train = prepared(net, tokenizer, setting.task, "train", args.steps * args.batch, args.batch, args, memo,
-                         draw=setting.seed)
-        batches = [(texts, *as_rollout(texts, setting.task, policy, eos), hidden) for texts, hidden in train]
-        adapter, losses, digit_kls = distill(net, setting, batches, args.globals)
-    t1 = time.perf_counter()
-    held = prepared(net, tokenizer, setting.task, "held-out", args.eval_size, args.batch * 2, args, memo)
-    record = evaluate(net, adapter, setting.task, [(texts, *as_rollout(texts, setting.task, policy, eos), hidden)
+    adapter = trained(net, tokenizer, setting, args, ledger, memo) if setting.trained else None
+    t0, eos, policy = time.perf_counter(), net.config.eos_ids[0], ROWS[setting.row][1]
+    held = (prepared(net, tokenizer, setting.task, "twins", args.twins, args.twins, args, memo)
+            if setting.texts == "twins" else
+            prepared(net, tokenizer, setting.task, "held-out", args.eval_size, args.batch * 2, args, memo))
+    result = evaluate(net, adapter, setting.task, [(texts, *as_rollout(texts, setting.task, policy, eos), hidden)
                                                    for texts, hidden in held])
-    record.update(setting=dataclasses.asdict(setting), losses=losses, train_digit_kl=digit_kls, train_s=t1 - t0,
-                  eval_s=time.perf_counter() - t1)
-    ledger["runs"][key] = record
-    data.atomic_write(args.out / "ledger.json", lambda p: p.write_text(json.dumps(ledger)))
-    print(f"{key}: accuracy {sum(record['accuracy']) / len(record['accuracy']):.3f}, "
-          f"{record['train_s'] + record['eval_s']:.0f} s", flush=True)
-    return record
+    result.update(setting=dataclasses.asdict(setting), seconds=time.perf_counter() - t0)
+    record(args, ledger, "runs", key, result)
+    print(f"{key}: accuracy {sum(result['accuracy']) / len(result['accuracy']):.3f}, {result['seconds']:.0f} s",
+          flush=True)
+    return result
+
+
+SIZES, DISTANCES = (1, 2, 4, 8), (1, 2, 4)
+SWEEP = (  # (label, change from the base setting): one change at a time, then the toy's choices together
+    ("A = 0, B ~ N(0, 0.01^2) (b_init 0.01)", dict(b_init=0.01)),
+    ("alpha / r = 8", dict(alpha=256.0)),
+    ("targets o only", dict(targets="o")),
+    ("lr 3e-3", dict(lr=3e-3)),
+    ("encoder lr x10", dict(encoder_lr=1e-2)),
+    ("W_V at W_K's scale (x10)", dict(v_scale=10.0)),
+    ("b_init 0.01, alpha / r = 8, o only", dict(b_init=0.01, alpha=256.0, targets="o")),
+)
 
 
 def plan(args):
@@ -345,17 +428,19 @@ def plan(args):
     for seed in args.seeds:
         out += [("main", LABELS[row], Setting(row, main, seed=seed, **base)) for row in ROWS
                 if seed == args.seeds[0] or ROWS[row][0]]  # the untrained rows once
-    ratio = args.alpha / args.rank  # the update scale alpha / r held at the base's across ranks
-    for k in (1, 2, 4, 8):
-        task = Task(k=k)
+    ratio, mix = args.alpha / args.rank, tuple(Task(k=k) for k in SIZES)  # alpha / r held across ranks
+    for task in mix:
         out += [("size", LABELS[row], Setting(row, task, **base)) for row in ("full", "window")]
-        out += [("size", f"PTE r{r}", Setting("pte", task, **dict(base, rank=r, alpha=ratio * r)))
+        out += [("size", f"PTE r{r}", Setting("pte", task, mix, **dict(base, rank=r, alpha=ratio * r)))
                 for r in (args.rank, args.small_rank)]
-    for d in (1, 2, 4):
-        task = Task(distance=d)
-        out += [("distance", LABELS[row], Setting(row, task, **base)) for row in ("full", "window", "pte")]
-    for label, change in SWEEP:
-        out.append(("settings", label, Setting("pte", main, **dict(base, **change))))
+    mix = tuple(Task(distance=d) for d in DISTANCES)
+    for task in mix:
+        out += [("distance", LABELS[row], Setting(row, task, **base)) for row in ("full", "window")]
+        out.append(("distance", "PTE", Setting("pte", task, mix, **base)))
+    out += [("settings", "base (the main PTE, seed 0)", Setting("pte", main, seed=args.seeds[0], **base))]
+    out += [("settings", label, Setting("pte", main, seed=args.seeds[0], **dict(base, **change)))
+            for label, change in SWEEP]
+    out += [("twins", LABELS[row], Setting(row, main, texts="twins", **base)) for row in ROWS]
     return [entry for entry in out if entry[0] in args.tables]
 
 
@@ -371,9 +456,10 @@ def mean_se(xs):
 def summary(record):
     """{measure: (mean, s.e. over held-out texts)}; the other tokens' KL is token-weighted, its s.e. over texts."""
     other = sum(record["other_kl"]) / max(sum(record["other_n"]), 1)
-    per_text = [s / n for s, n in zip(record["other_kl"], record["other_n"]) if n]
+    per_text = other_per_text(record)
     return dict(accuracy=mean_se(record["accuracy"]), digit_kl=mean_se(record["digit_kl"]),
-                other_kl=(other, mean_se(per_text)[1] if per_text else 0.0))
+                first=mean_se(record["first"]), first_kl=mean_se(record["first_kl"]),
+                other_kl=(other, mean_se(per_text)[1]))
 
 
 def pm(value, digits=3):
@@ -391,14 +477,19 @@ def differences(a, b):
     return {m: [x - y for x, y in zip(*v)] for m, v in pairs.items()}
 
 
-def main_table(results, seeds):
+def train_seconds(ledger, setting):
+    return ledger["adapters"][setting.train_key()]["seconds"] if setting.trained else 0.0
+
+
+def main_table(results, seeds, ledger):
     lines = ["| row | seed | recall accuracy | KL on the recalled digits | KL on the other tokens after the first "
-             "eviction | train + eval s |", "|---|---|---|---|---|---|"]
-    for (label, setting), record in results:
-        s = summary(record)
+             "eviction | train s | eval s |", "|---|---|---|---|---|---|---|"]
+    for (label, setting), result in results:
+        s = summary(result)
         lines.append(f"| {label} | {setting.seed if setting.trained else '-'} | {pm(s['accuracy'])} | "
-                     f"{pm(s['digit_kl'])} | {pm(s['other_kl'], 4)} | {record['train_s'] + record['eval_s']:.0f} |")
-    by = {(label, setting.seed): record for (label, setting), record in results}
+                     f"{pm(s['digit_kl'])} | {pm(s['other_kl'], 4)} | {train_seconds(ledger, setting):.0f} | "
+                     f"{result['seconds']:.0f} |")
+    by = {(label, setting.seed): result for (label, setting), result in results}
     lines += ["", "Paired difference PTE - LoRA_c on the same held-out texts (mean ± s.e. over texts):", "",
               "| seed | recall accuracy | KL on the recalled digits | KL on the other tokens |", "|---|---|---|---|"]
     per_seed = [differences(by[("PTE", seed)], by[("LoRA_c", seed)]) for seed in seeds]
@@ -426,21 +517,32 @@ def curve_table(results, column, pte_label):
     return lines
 
 
-def settings_table(results):
-    lines = ["| setting | recall accuracy | KL on the recalled digits | KL on the other tokens | last-5-step loss "
-             "| train s |", "|---|---|---|---|---|---|"]
-    for (label, setting), record in results:
-        s, tail = summary(record), record["losses"][-5:]
+def settings_table(results, ledger):
+    lines = ["| setting | recall accuracy | KL on the recalled digits | KL on the other tokens | training loss, last "
+             "5 steps | training KL on the digits, last 5 steps | train s |", "|---|---|---|---|---|---|---|"]
+    for (label, setting), result in results:
+        s, log = summary(result), ledger["adapters"][setting.train_key()]
+        tail = lambda xs: sum(xs[-5:]) / len(xs[-5:])  # noqa: E731
         lines.append(f"| {label} | {pm(s['accuracy'])} | {pm(s['digit_kl'])} | {pm(s['other_kl'], 4)} | "
-                     f"{sum(tail) / max(len(tail), 1):.4f} | {record['train_s']:.0f} |")
+                     f"{tail(log['losses']):.4f} | {tail(log['digit_kl']):.3f} | {log['seconds']:.0f} |")
+    return lines
+
+
+def twins_table(results, ledger):
+    lines = ["| row | first recalled digit: accuracy | its KL | all recalled digits: accuracy | their KL | train s |",
+             "|---|---|---|---|---|---|"]
+    for (label, setting), result in results:
+        s = summary(result)
+        lines.append(f"| {label} | {pm(s['first'], 2)} | {pm(s['first_kl'])} | {pm(s['accuracy'], 2)} | "
+                     f"{pm(s['digit_kl'])} | {train_seconds(ledger, setting):.0f} |")
     return lines
 
 
 def draw_plots(results, folder, args):
     """recall-main.svg (accuracy per row and seed), recall-size.svg and recall-distance.svg (accuracy curves)."""
     if results.get("main"):
-        bars = [(f"{label}{f' s{s.seed}' if s.trained else ''}", *summary(r)["accuracy"], "") for (label, s), r
-                in results["main"] if s.trained or s.seed == args.seeds[0]]
+        bars = [(f"{label}{f' s{s.seed}' if s.trained else ''}", *summary(r)["accuracy"], "")
+                for (label, s), r in results["main"]]
         plot.save(plot.bar_chart(bars, "Recall accuracy on held-out facts (k = 4, 1 eviction before the recall), "
                                  "with its standard error"), folder / "recall-main.svg")
     for table, x, xlabel in (("size", "k", "digits in the fact (k)"),
@@ -454,10 +556,9 @@ def draw_plots(results, folder, args):
                                   "recall accuracy", ylim=(0, 1), xlog=True), folder / f"recall-{table}.svg")
 
 
-SWEEP = ()  # (label, changes to the base setting): filled in below the parser's defaults
-
-QUICK = dict(steps=2, batch=2, eval_size=4, out="runs/recall-quick")
-FULL = dict(steps=40, batch=4, eval_size=48, out="runs/recall")
+TABLES = ("main", "size", "distance", "settings", "twins")
+QUICK = dict(steps=1, batch=1, eval_size=2, twins=2, twin_steps=1, out="runs/recall-quick")
+FULL = dict(steps=40, batch=4, eval_size=32, twins=2, twin_steps=20, out="runs/recall")
 
 
 def parser():
@@ -466,16 +567,19 @@ def parser():
     a("--quick", action="store_true", help=f"tiny counts ({QUICK}): every row end to end, the same tables")
     a("--model", help="SmolLM2-135M-Instruct: default $PTE_SMOLLM2, else ~/.cache/smollm2-135m-instruct, else the "
       "registry name smollm2-135m (the Hugging Face cache)")
-    a("--out", type=Path, help=f"run folder, its ledger.json resumes the study (default {FULL['out']}, --quick: "
+    a("--out", type=Path, help=f"run folder; its ledger.json resumes the study (default {FULL['out']}, --quick: "
       f"{QUICK['out']})")
     a("--plots", type=Path, help="where the SVG plots go (default --out)")
     a("--steps", type=int, help=f"AdamW steps of every trained row (default {FULL['steps']})")
     a("--batch", type=int, help=f"texts per step (default {FULL['batch']}); fresh texts every step")
     a("--eval-size", type=int, help=f"held-out texts per row (default {FULL['eval_size']})")
+    a("--twins", type=int, help=f"texts of the twins table, identical but for the digits (default {FULL['twins']})")
+    a("--twin-steps", type=int, help=f"AdamW steps on the twins, all of them each step (default "
+      f"{FULL['twin_steps']})")
     a("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1],
       help="seeds of the main comparison (initial weights and training texts)")
-    a("--data-seed", type=int, default=0, help="the split of (letter, digit) pairs into training and held-out")
-    a("--tables", default="main,size,distance,settings", help="which tables to run, comma-separated")
+    a("--data-seed", type=int, default=0, help="the split of the letters into training and held-out")
+    a("--tables", default=",".join(TABLES), help="which tables to run, comma-separated")
     a("--rank", type=int, default=32, help="adapter rank of the base setting")
     a("--small-rank", type=int, default=8, help="the smaller rank of the size table")
     a("--alpha", type=float, default=32.0, help="adapter scale numerator (alpha / r is held across ranks)")
@@ -495,10 +599,11 @@ def parse(argv):
             setattr(args, name, Path(value) if name == "out" else value)
     args.plots = args.plots or args.out
     args.tables = args.tables.split(",")
-    if bad := [t for t in args.tables if t not in ("main", "size", "distance", "settings")]:
-        raise SystemExit(f"recall.py: unknown table(s) {bad}: choose from main, size, distance, settings")
-    if min(args.steps, args.batch) < 1 or args.eval_size < 2:
-        raise SystemExit("recall.py: --steps and --batch must be >= 1, --eval-size >= 2 (a standard error needs two)")
+    if bad := [t for t in args.tables if t not in TABLES]:
+        raise SystemExit(f"recall.py: unknown table(s) {bad}: choose from {', '.join(TABLES)}")
+    if min(args.steps, args.batch, args.twin_steps) < 1 or args.eval_size < 2 or not 2 <= args.twins <= 10:
+        raise SystemExit("recall.py: --steps, --batch and --twin-steps must be >= 1, --eval-size >= 2 (a standard "
+                         "error needs two), --twins between 2 and 10")
     return args
 
 
@@ -518,6 +623,30 @@ def load(name):
     return net, tokenizer
 
 
+def report(results, args, argv, ledger):
+    """Print the tables of `results` ({table: [((label, setting), result)]}) with the command and settings."""
+    task = Task()
+    print(f"\n$ {shlex.join(['python', 'experiments/recall.py', *argv])}\n\nSmolLM2-135M-Instruct; window "
+          f"{task.window} thought slots, m = {task.m} evicted at a time; {args.eval_size} held-out texts a row; "
+          f"trained rows: {args.steps} AdamW steps of {args.batch} fresh texts, rank {args.rank}, alpha "
+          f"{args.alpha:g}, targets {args.targets}, b_init {args.b_init:g}, lr {args.lr:g}, encoder lr "
+          f"{args.encoder_lr or args.lr:g}, {args.globals} global tokens\n")
+    sections = dict(
+        main=("Main comparison: k = 4 digits, 1 eviction before the recall", lambda r: main_table(r, args.seeds,
+                                                                                                 ledger)),
+        size=(f"Recall against the fact's size k (1 eviction before the recall; PTE trained on k = "
+              f"{', '.join(map(str, SIZES))} in turn)", lambda r: curve_table(r, "k", f"PTE r{args.rank}")),
+        distance=(f"Recall against the distance: evictions before the recall (k = 4; PTE trained on "
+                  f"{', '.join(map(str, DISTANCES))} in turn)", lambda r: curve_table(r, "evictions", "PTE")),
+        settings=("Settings tried (PTE, k = 4, 1 eviction, seed 0), one change from the base each",
+                  lambda r: settings_table(r, ledger)),
+        twins=(f"Twins: {args.twins} texts identical but for the digits, trained on for {args.twin_steps} steps and "
+               "evaluated on themselves", lambda r: twins_table(r, ledger)))
+    for table, (title, make) in sections.items():
+        if results.get(table):
+            print("\n".join([f"### {title}", "", *make(results[table]), ""]))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
@@ -525,35 +654,21 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     net, tokenizer = load(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
-    counts = dict(steps=args.steps, batch=args.batch, eval_size=args.eval_size, data_seed=args.data_seed,
-                  globals=args.globals)
+    counts = {k: getattr(args, k) for k in ("steps", "batch", "eval_size", "twins", "twin_steps", "data_seed",
+                                            "globals")}
     path = args.out / "ledger.json"
-    ledger = json.loads(path.read_text()) if path.exists() else dict(counts=counts, runs={})
+    ledger = json.loads(path.read_text()) if path.exists() else dict(counts=counts, adapters={}, runs={})
     if ledger["counts"] != counts:
         raise SystemExit(f"recall.py: {path} was made with {ledger['counts']}, not {counts}: use another --out")
     t0, memo, results = time.perf_counter(), {}, {}
     for table, label, setting in plan(args):
         results.setdefault(table, []).append(((label, setting), run(net, tokenizer, setting, args, ledger, memo)))
-    task = Task()
-    print(f"\n$ {shlex.join(['python', 'experiments/recall.py', *argv])}\n\nSmolLM2-135M-Instruct; window "
-          f"{task.window} thought slots, m = {task.m} evicted at a time; {args.eval_size} held-out texts a row; "
-          f"trained rows: {args.steps} AdamW steps of {args.batch} fresh texts, rank {args.rank}, alpha "
-          f"{args.alpha:g}, targets {args.targets}, b_init {args.b_init:g}, lr {args.lr:g}, encoder lr "
-          f"{args.encoder_lr or args.lr:g}, {args.globals} global tokens\n")
-    sections = dict(main=("Main comparison: k = 4 digits, 1 eviction before the recall",
-                          lambda r: main_table(r, args.seeds)),
-                    size=("Recall against the fact's size k (1 eviction before the recall)",
-                          lambda r: curve_table(r, "k", f"PTE r{args.rank}")),
-                    distance=("Recall against the distance: evictions before the recall (k = 4)",
-                              lambda r: curve_table(r, "evictions", "PTE")),
-                    settings=("Settings tried (PTE, k = 4, 1 eviction, seed 0)", settings_table))
-    for table, (title, make) in sections.items():
-        if results.get(table):
-            print("\n".join([f"### {title}", "", *make(results[table]), ""]))
+    report(results, args, argv, ledger)
     draw_plots(results, args.plots, args)
-    spent = sum(r["train_s"] + r["eval_s"] for r in ledger["runs"].values())
-    print(f"time: {spent:.0f} s over the ledger's {len(ledger['runs'])} runs, {time.perf_counter() - t0:.0f} s in "
-          f"this invocation; {torch.get_num_threads()} thread(s); plots in {args.plots}")
+    spent = sum(a["seconds"] for a in ledger["adapters"].values()) + sum(r["seconds"] for r in ledger["runs"].values())
+    print(f"time: {spent:.0f} s of training and evaluation in the ledger ({len(ledger['adapters'])} adapters, "
+          f"{len(ledger['runs'])} evaluations), {time.perf_counter() - t0:.0f} s in this command; "
+          f"{torch.get_num_threads()} thread(s); plots in {args.plots}")
 
 
 if __name__ == "__main__":

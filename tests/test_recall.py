@@ -83,3 +83,32 @@ def test_summaries_by_hand():
     assert s["other_kl"] == pytest.approx((1.0, 0.0)) and s["accuracy"] == pytest.approx((0.75, 0.25))
     d = R.differences(record, dict(record, accuracy=[0.0, 0.0]))
     assert d["accuracy"] == [1.0, 0.5] and d["other_kl"] == [0.0, 0.0]
+
+
+@pytest.mark.slow
+def test_quick_mode_runs_every_row_end_to_end_and_resumes(smollm2, tmp_path, capsys, monkeypatch):
+    """--quick: every table printed with every row, the ledger holds every run, the plots are written; the same
+    command again trains and evaluates nothing and prints the same tables."""
+    monkeypatch.setenv("PTE_SMOLLM2", str(smollm2))
+    argv = ["--quick", "--out", str(tmp_path), "--threads", "1"]
+    R.main(argv)
+    first = capsys.readouterr().out
+    args = R.parse(argv)
+    runs = {setting.key() for _, _, setting in R.plan(args)}
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    assert set(ledger["runs"]) == runs and ledger["counts"]["steps"] == R.QUICK["steps"]
+    for title in ("### Main comparison", "### Recall against the fact's size", "### Recall against the distance",
+                  "### Settings tried", "Paired difference PTE - LoRA_c"):
+        assert title in first
+    for label in ("| full cache | - |", "| bare window | - |", "| LoRA_c | 0 |", "| PTE | 1 |", "| global-only | 1 |",
+                  "| 8 | ", "| all seeds |"):
+        assert label in first
+    assert all(len(r["losses"]) == R.QUICK["steps"] for r in ledger["runs"].values() if r["setting"]["row"] in
+               ("lora_c", "pte", "global-only"))
+    for name in ("main", "size", "distance"):
+        assert (tmp_path / f"recall-{name}.svg").read_text().startswith("<svg")
+    monkeypatch.setattr(R, "distill", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(R, "evaluate", lambda *a, **k: pytest.fail("a finished run was evaluated again"))
+    R.main(argv)
+    tables = lambda out: out[out.index("\n$ "):out.index("\ntime:")]  # noqa: E731  (the progress lines precede)
+    assert tables(capsys.readouterr().out) == tables(first)
