@@ -112,3 +112,26 @@ def test_quick_mode_runs_every_row_end_to_end_and_resumes(smollm2, tmp_path, cap
     R.main(argv)
     tables = lambda out: out[out.index("\n$ "):out.index("\ntime:")]  # noqa: E731  (the progress lines precede)
     assert tables(capsys.readouterr().out) == tables(first)
+
+
+@pytest.mark.slow
+def test_distilled_pte_recalls_from_s_what_the_window_cannot(smol):
+    """Two texts identical but for the digits: up to the first recalled digit the window holds the same tokens in
+    both, so the bare window (or any row without S) predicts that digit alike in both and is right in one at most.
+    A few distillation steps of PTE on the pair make it right in both: the difference can only have come through S,
+    the fold of the evicted fact. A fold that carried nothing (S stuck at S(0)) or the wrong tokens fails here."""
+    _, net, tokenizer = smol
+    task, eos = R.Task(), net.config.eos_ids[0]
+    pair = R.twins(task, tokenizer, 2, eos)
+    assert pair[0].thoughts[:pair[0].stated[0]] == pair[1].thoughts[:pair[1].stated[0]]  # one text, two facts
+    hidden = R.teacher_hidden(net, R.as_rollout(pair, task, "full", eos)[0])
+    first = lambda adapter, policy: R.evaluate(net, adapter, task, [  # noqa: E731
+        (pair, *R.as_rollout(pair, task, policy, eos), hidden)])["first"]
+    assert first(None, "full") == [1.0, 1.0] and sum(first(None, "window")) <= 1
+    setting = R.Setting("pte", task, alpha=256.0, b_init=0.01, v_scale=10.0)
+    ro, cache = R.as_rollout(pair, task, "pte", eos)
+    adapter, losses, _ = R.distill(net, setting, [(pair, ro, cache, hidden)] * STEPS, n_globals=32)
+    assert first(adapter, "pte") == [1.0, 1.0], losses
+
+
+STEPS = 20  # AdamW steps on the pair
