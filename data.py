@@ -1,20 +1,28 @@
-"""The problems and the prompt: what train.py and eval.py both need to turn benchmark files into model prompts.
+"""What train.py and eval.py both need: the problems, the prompt, and the helpers of their command lines.
 
 read_problems reads one JSONL file in any usual field variant; resolve_data turns a data set name into a file, fetching
 a known one once from the Hugging Face hub; load_problems also makes the GENERATED sets (the toy's); encode_prompts
 sets aside the prompts that leave too few thought slots under the cache budget; chat_family and format_prompt write
 each model's chat template by hand (no jinja2 at run time; tests/test_data.py proves them equal to the models' own
 jinja templates).
-Prompt (SPEC section 6, the Qwen2.5-Math CoT convention): the template around one user message
+Prompt (the Qwen2.5-Math CoT convention): the template around one user message
 `{problem}\\nPlease reason step by step, and put your final answer within \\boxed{}.` and no system message of our own
 (the template adds its default one, as apply_chat_template does), then the generation prompt.
-Departures: hub copies of the sets in ../shared/data come from other mirrors (KNOWN) and may differ in a few rows;
-aime_train from the hub (AIME 1983-2024) loses its 2024 rows, which are the aime24 eval set.
+Departures: the hub copies of the sets (KNOWN) may differ in a few rows from other mirrors of them; aime_train from
+the hub (AIME 1983-2024) loses its 2024 rows, which are the aime24 eval set.
+The command lines' helpers (the last section): argparse types whose checks also serve values read from files,
+JSON files read with errors that name them, one writer a folder (an OS lock), and stopping on SIGINT or SIGTERM.
 """
+import argparse
 import csv
+import fcntl
 import importlib.util
 import json
+import math
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -147,7 +155,7 @@ def _encode(tokenizer, text, ident):
 
 def encode_prompts(problems, tokenizer, family, budget=None):
     """(the problems whose prompt fits, their prompt ids, how many were set aside). A row's thought window is what the
-    cache budget leaves after its own prompt (SPEC section 2); a prompt that leaves fewer than cache.MIN_THOUGHT_SLOTS
+    cache budget leaves after its own prompt (docs/method.md §2); a prompt that leaves fewer than MIN_THOUGHT_SLOTS
     is set aside here, when the data is loaded, so that no step or batch can fail on it. budget None (the full
     cache): every prompt fits."""
     from cache import MIN_THOUGHT_SLOTS
@@ -233,7 +241,7 @@ def chat_family(model_dir) -> str | None:
     if not model_dir.is_dir():
         raise FileNotFoundError(f"no model folder at {model_dir}")
     config = model_dir / "tokenizer_config.json"
-    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    template = read_json(config).get("chat_template") if config.is_file() else None
     if not template and (model_dir / "chat_template.jinja").is_file():
         template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
     if not template:
@@ -253,6 +261,19 @@ def format_prompt(problem: str, family: str | None) -> str:
     if family not in TEMPLATES:
         raise ValueError(f"unknown chat family {family!r}; known: {', '.join(TEMPLATES)} or None")
     return TEMPLATES[family].format(problem + SUFFIX)
+
+
+def load_tokenizer(model_dir):
+    """The `tokenizers` tokenizer of a model folder; a missing or damaged tokenizer.json is named."""
+    from tokenizers import Tokenizer
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the model folder has no tokenizer.json")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception that names no file
+        raise ValueError(f"{path}: unreadable tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                         ) from None
 
 
 # ---------------------------------------------------------------------------------------------------- the toy task
@@ -311,3 +332,159 @@ def held_out_problems(seed=None):
 
 
 GENERATED = {"toy-train": training_problems, "toy-eval": held_out_problems}  # made in memory from the run's seed
+
+
+# ---------------------------------------------------------------------------------------------------- command lines
+
+def number(kind, low, high=None, above=False):
+    """An argparse type that also checks a value read from a file: a finite `kind` (from text, or a JSON number of
+    that kind: no bool, no 2.5 for an int) at least `low` (more than `low` if `above`) and at most `high`."""
+    def parse(value):
+        if isinstance(value, str):
+            value = kind(value)  # ValueError: argparse says "invalid int value"
+        elif isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+        value = kind(value)
+        if not math.isfinite(value) or not (value > low if above else value >= low) or (high is not None
+                                                                                        and value > high):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low}"
+                                             f"{'' if high is None else f' and <= {high}'}, got {value}")
+        return value
+    parse.__name__, parse.kind = kind.__name__, kind
+    return parse
+
+
+def device_name(text):
+    """An argparse type: auto, cpu, cuda or cuda:N, checked against this machine."""
+    import torch
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine")
+    return text
+
+
+def file_value(action, value):
+    """A value read from a file (train_defaults.json, settings.json, adapter.json) through the checks of its flag's
+    argparse `action`: its type and range, its choices, true or false for an on/off flag."""
+    if action.nargs == 0:  # store_true, --x/--no-x
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"must be true or false, got {value!r}")
+        return value
+    if not (isinstance(value, str) or hasattr(action.type, "kind")):
+        raise argparse.ArgumentTypeError(f"must be a string, got {value!r}")
+    try:
+        value = action.type(value) if action.type else value
+    except ValueError:  # number() from text
+        raise argparse.ArgumentTypeError(f"invalid {action.type.__name__} value {value!r}") from None
+    if action.choices and value not in action.choices:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
+
+
+def read_json(path):
+    """The JSON object of a file; a missing, malformed or non-object file is named."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+LOCK = ".lock"  # the file in an output folder that its one writer holds locked
+
+
+def contents(folder: Path):
+    """The names in an output folder, its lock file aside."""
+    return sorted(p.name for p in folder.iterdir() if p.name != LOCK) if folder.is_dir() else []
+
+
+@contextmanager
+def only_writer(folder: Path, flag="--out"):
+    """Within: this process holds an exclusive OS lock (flock) on folder/.lock, made with the folder if need be. The OS
+    releases it when the process ends, SIGKILL included. Another holder refuses this one at once, naming its PID."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {folder}: not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ValueError(f"{flag} {folder} is in use by another process (PID {holder}): wait for it to end, "
+                             "or name another folder") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror})") from None
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
+def quiet_exit():
+    """Around a command line's main: outside stop_on_signals (which installs its own handlers within) SIGINT and
+    SIGTERM do nothing, and on the way out they are ignored by the OS: the interpreter's teardown resets a Python
+    handler to the default, under which a second Ctrl-C would kill the exit (-2). An ignored signal stays ignored."""
+    watched = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN]
+    for sig in watched:
+        signal.signal(sig, lambda *_: None)
+    try:
+        yield
+    finally:
+        for sig in watched:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+class Stop(Exception):
+    """SIGINT or SIGTERM (args[0]: its number) stopped the work in progress."""
+
+
+@contextmanager
+def stop_on_signals(at_once=True):
+    """Within: SIGINT (Ctrl-C) and SIGTERM set request["signal"], and raise Stop at once while request["at_once"]
+    (the caller clears it around work that must not be torn, and checks request["signal"] after it). An ignored
+    signal stays ignored (a background job starts with SIGINT ignored); the handlers are restored on the way out."""
+    request = dict(signal=None, at_once=at_once)
+
+    def handle(signum, frame):
+        request["signal"] = signum
+        if request["at_once"]:
+            raise Stop(signum)
+    main_thread = threading.current_thread() is threading.main_thread()  # handlers can only be set there
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)
+                if main_thread and signal.getsignal(sig) is not signal.SIG_IGN}
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def beyond_positions(model_dir, **counts):
+    """An error text for the first of `counts` (flag name -> value) beyond the model's max_position_embeddings (a
+    cache or a rollout longer than the positions it was trained on); None when all fit or the config names none."""
+    config = Path(model_dir) / "config.json"
+    limit = read_json(config).get("max_position_embeddings")
+    for flag, value in counts.items():
+        if isinstance(limit, int) and value is not None and value > limit:
+            return f"--{flag.replace('_', '-')} {value}: more than the model's {limit} positions ({config})"
+    return None

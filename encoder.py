@@ -1,4 +1,5 @@
-"""The thought encoder and its dynamic adapters (SPEC section 3): the only trainable part; the base model is frozen.
+"""The thought encoder and its dynamic adapters (docs/method.md §3-§4): the only trainable part; the base model is
+frozen.
 
 Every adapted linear y = W x + b gets y += (alpha / r) * B (S (A x)), with A (r, d_in) and B (d_out, r) of its
 own and S the (r, r) core of its layer and row. Plain LoRA (`full` and `window`) is the same code with S = I.
@@ -9,20 +10,20 @@ Under `pte` each layer's S starts from its global tokens and folds in every batc
     eviction: S <- Normalize(S + S'(K_e, V_e))           ("global-only": S stays S(0))
     Normalize(X) = sqrt(r) X / (||X||_F + eps)           (the Frobenius norm of the r x r identity)
 
-Our reading where the paper is silent (PAPER.md section 7): per-layer parameters, K_e/V_e with all KV heads
+Our reading where the paper is silent (docs/method.md §10): per-layer parameters, K_e/V_e with all KV heads
 concatenated and keys un-rotated to their pre-RoPE values, the 1/len scaling, the Frobenius normalisation.
 paper: W_V initialised like W_K; here: at a tenth of that scale, so that one eviction adds to S instead of
-replacing it (in a prototype ||S'|| was about 2.5 ||S|| at the usual scale).
+replacing it (at the usual scale ||S'|| outweighs ||S||, and every eviction mostly replaced the memory).
 Adapter init (paper: silent beyond LoRA). Default LoRA's: A random, B = 0, so the first updates go to B with gradient
 g (S A x)^T: one random projection S A x of S, alike at every position. `b_init` > 0 swaps it: A = 0,
 B ~ N(0, b_init^2), so the first updates go to A with gradient S^T B^T g x^T: all of S, at the inputs x where the loss
 speaks. Both start at the base model and both leave S without gradient at step 0. On the toy the swap took GRPO off
-chance in 80 steps where the default stalled for 160+ (README, "Why GRPO stalled"); the argument does not depend on the
-model's size, but it is unmeasured on real models, whose default therefore stays LoRA's (`--b-init` turns it on).
+chance where the default stalled (docs/method.md §10); the argument does not depend on the model's size, but it is
+unmeasured on real models, whose default therefore stays LoRA's (`--b-init` turns it on).
 `param_groups`: the thought encoder may take its own learning rate (`--encoder-lr`). Under LoRA's init its steps
 moved S, and through the readout every position's output, faster than the readout learned to use it (the toy's chain
 broke); under A = 0 only the positions where the loss speaks read S, and the toy learns best with the encoder at the
-adapters' rate (3 seeds each at 1, 0.3 and 0.1 of it: README, "Why GRPO stalled").
+adapters' rate (docs/method.md §10).
 Adapter parameters are kept in fp32 (AdamW steps of 1e-5 vanish in bf16) and cast to the activations' dtype.
 """
 import json

@@ -1,4 +1,4 @@
-"""Accuracy of a model (and adapter) on math benchmarks under a cache policy, SPEC section 6.
+"""Accuracy of a model (and adapter) on math benchmarks under a cache policy.
 
 `evaluate` is the library call (train.py's held-out check, toy.py's experiment); `main` is the command line:
 
@@ -12,13 +12,16 @@ numbers; samples.jsonl every completion with its grade. --kl adds fidelity, for 
 grader: the mean per-token KL(full-cache base model || policy) over each completion's tokens after its first
 eviction, on the policy's own completions (token_kl). A problem whose prompt leaves fewer than MIN_THOUGHT_SLOTS
 thought slots under the budget is skipped and counted (`skipped`). With --adapter, the policy, budget and evict share
-default to those it was trained with. Rows are batched longest prompt first (less left padding); results come back
-in problem order. Under sampling the draws depend on the batching: reruns match with the same --batch-size and --seed.
+default to those it was trained with. Rows are batched longest prompt first (less left padding), at most --batch-size
+rows a `generate` call (the role of train.py's --rollout-batch); results come back in problem order. Under sampling
+the draws depend on the batching: reruns match with the same --batch-size and --seed. The output folder has one
+writer (an OS lock); Ctrl-C or SIGTERM stop with exit 130 or 143 and leave no partial file.
 """
 import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,34 +34,8 @@ import grade
 import model as models
 import rollout
 from cache import MIN_THOUGHT_SLOTS
+from data import device_name, number
 from encoder import load_adapter
-
-def number(kind, low, high=None, above=False):
-    """An argparse type: a `kind` at least `low` (more than `low` if `above`) and at most `high`."""
-    def parse(text):
-        value = kind(text)  # ValueError: argparse says "invalid int value"
-        if not (value > low if above else value >= low) or (high is not None and not value <= high):
-            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low}"
-                                             f"{'' if high is None else f' and <= {high}'}, got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def device_name(text):
-    """An argparse type: auto, cpu, cuda or cuda:N, checked against this machine."""
-    if text == "auto":
-        return text
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine")
-    return text
-
 
 def summarize(records, samples, tokens_per_s):
     """Per-sample records in problem order (`samples` consecutive rows a problem) -> the summary dict; with `kl`
@@ -90,18 +67,19 @@ class _NoHead:
         return h
 
 
-def token_kl(model, ro, policy, adapter=None):
+def token_kl(model, ro, policy, adapter=None, use_checkpoint=False, truncate=False):
     """(B, T): per token of the rollout, KL(full-cache base model || the policy with its adapter) between their
-    next-token distributions at temperature 1. The teacher's hidden states (B, T, d) are kept, never its (B, T, V)
-    logits: they are recomputed beside the policy's, rollout.LOGIT_CHUNK positions at a time."""
+    next-token distributions at temperature 1; differentiable in the adapter where autograd is on (train.py's
+    distillation objective, docs/method.md §8). The teacher's hidden states (B, T, d) are kept, never its (B, T, V)
+    logits: its log-softmax is recomputed inside the policy's token function, rollout.LOGIT_CHUNK positions a time."""
     with torch.no_grad():
         hidden = rollout.score(_NoHead(model), ro, rollout.CachePolicy("full", policy.budget, policy.evict),
                                use_checkpoint=False, token_fn=lambda h, _, span: h)  # (B, T, d)
 
-        def kl(logits, _, span):  # (B, n, V) -> (B, n)
-            teacher = torch.log_softmax(model.lm_head(hidden[:, span[0]:span[1]]).float(), -1)  # (B, n, V)
-            return (teacher.exp() * (teacher - torch.log_softmax(logits.float(), -1))).sum(-1)
-        return rollout.score(model, ro, policy, adapter, use_checkpoint=False, token_fn=kl)
+    def kl(logits, _, span):  # (B, n, V) -> (B, n)
+        teacher = torch.log_softmax(model.lm_head(hidden[:, span[0]:span[1]]).float(), -1)  # (B, n, V)
+        return (teacher.exp() * (teacher - torch.log_softmax(logits.float(), -1))).sum(-1)
+    return rollout.score(model, ro, policy, adapter, use_checkpoint=use_checkpoint, token_fn=kl, truncate=truncate)
 
 
 def row_evictions(ro, row):
@@ -140,7 +118,9 @@ def evaluate(model, tokenizer, problems, policy: rollout.CachePolicy, adapter=No
         if start == 0 and out.stats.get("first_step_s"):
             bar.write(f"compiled decode step: first call {out.stats['first_step_s']:.1f} s (compiling included)")
         seconds, tokens = seconds + out.stats["seconds"], tokens + out.stats["tokens"]
-        per_token = token_kl(model, out, policy, adapter) if kl else None  # (b, T)
+        if kl:
+            with torch.no_grad():
+                per_token = token_kl(model, out, policy, adapter)  # (b, T)
         for b, ((i, s), n) in enumerate(zip(batch, out.mask.sum(1).tolist())):  # the mask is a prefix of each row
             text = tokenizer.decode(out.tokens[b, :n].tolist(), skip_special_tokens=True)
             gold = problems[i]["answer"]
@@ -186,101 +166,131 @@ def parser():
     p.add_argument("--samples", type=number(int, 1), default=1, help="k completions a problem")
     p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=number(float, 0, 1, above=True), default=1.0)
-    p.add_argument("--batch-size", type=number(int, 1), default=8, help="rows a forward")
+    p.add_argument("--batch-size", type=number(int, 1), default=8,
+                   help="rows of one generate call, longest prompts first (as train.py's --rollout-batch): it sets the "
+                   "rollout memory")
     p.add_argument("--limit", type=number(int, 1), help="the first N problems of each benchmark")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
     p.add_argument("--kl", action="store_true", help="also the mean per-token KL(full-cache base model || policy) "
                    "after each completion's first eviction (under full: where a window of --cache would first evict)")
     p.add_argument("--out", help="a new or empty folder (default: runs/eval-<timestamp>)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--device", type=device_name, default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=number(int, 1), help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threads", type=number(int, 1, os.cpu_count()), help="torch.set_num_threads (default: torch's)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="decode through the compiled step (rollout.compiled_step; default: on cuda, off on the CPU)")
     return p
 
 
-def adapter_meta(folder):
-    """What train.py recorded next to the adapter (adapter.json): its policy, and the settings it was trained with."""
-    path = Path(folder) / "adapter.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no adapter.json (written by train.py)")
-    return json.loads(path.read_text())
-
-
-def with_adapter_defaults(args):
-    """--policy, --cache and --evict left unset take the adapter's (as it was trained), else full, 1024 and 0.25.
-    Warns when the adapter was trained on another model than --model."""
-    meta = adapter_meta(args.adapter) if args.adapter else {}
+def with_adapter_defaults(p, args):
+    """--policy, --cache and --evict left unset take the adapter's (as it was trained, through the flags' checks), else
+    full, 1024 and 0.25. Warns when the adapter was trained on another model than --model."""
+    meta = data.read_json(Path(args.adapter) / "adapter.json") if args.adapter else {}
     trained = meta.get("settings") or {}
     if args.adapter and not args.policy and "policy" not in meta:
         raise ValueError(f"{args.adapter}/adapter.json records no policy: pass --policy")
     args.policy = args.policy or meta.get("policy", "full")
-    args.cache = args.cache or trained.get("cache", 1024)
-    args.evict = args.evict or trained.get("evict", 0.25)
+    for key, default in (("cache", 1024), ("evict", 0.25)):
+        if getattr(args, key) is None:
+            action = next(a for a in p._actions if a.dest == key)
+            try:
+                setattr(args, key, data.file_value(action, trained.get(key, default)))
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"{args.adapter}/adapter.json: settings.{key}: {e}") from None
     model = str(trained.get("model", args.model))
     if model != args.model and not (Path(model).is_dir() and Path(model).resolve() == Path(args.model).resolve()):
         print(f"WARNING: the adapter {args.adapter} was trained on --model {model}, not {args.model}", file=sys.stderr)
     return args
 
 
-def run(args, argv):
+def claim(out: Path):
+    """The output folder, locked for this process (data.only_writer), refused unless new or empty (stale .part files
+    of a killed evaluation aside)."""
+    held = [name for name in data.contents(out) if not name.endswith(".part")]
+    if {"results.json", "samples.jsonl"} & set(held):
+        raise ValueError(f"--out {out} holds an evaluation already (results.json or samples.jsonl): name another --out")
+    if held:
+        raise ValueError(f"--out {out} is not empty ({', '.join(held[:3])}{' ...' if len(held) > 3 else ''}): "
+                         "name a new or empty folder")
+    return data.only_writer(out)
+
+
+def run(p, args, argv):
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
-    if any((out / name).exists() for name in ("results.json", "samples.jsonl")):
-        raise ValueError(f"--out {out} holds an evaluation already (results.json or samples.jsonl): name another --out")
-    args = with_adapter_defaults(args)
+    args = with_adapter_defaults(p, args)
     names = args.policy.split(",")
     policies = [rollout.CachePolicy(name, args.cache, args.evict) for name in names]  # rejects unknown names
-    benches = {name: data.load_problems(name, args.data_dir)[:args.limit] for name in args.bench.split(",")}
-    tokenizer, family = models.load_tokenizer(args.model), data.chat_family(models.resolve(args.model))
+    folder = models.resolve(args.model)
     budget = None if set(names) == {"full"} else args.cache  # every policy sees the same problems
+    if error := data.beyond_positions(folder, cache=budget, max_new=args.max_new):
+        raise ValueError(error)
+    benches = {name: data.load_problems(name, args.data_dir)[:args.limit] for name in args.bench.split(",")}
+    tokenizer, family = data.load_tokenizer(folder), data.chat_family(folder)
     skipped = {}
     for name, problems in benches.items():
         benches[name], _, skipped[name] = data.encode_prompts(problems, tokenizer, family, budget)
         if not benches[name]:
             raise ValueError(f"{name}: every prompt leaves fewer than {MIN_THOUGHT_SLOTS} thought slots at "
                              f"--cache {args.cache}")
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    net = models.load(args.model, None if args.dtype == "auto" else getattr(torch, args.dtype), device)
-    adapter = load_adapter(args.adapter, net.config, device) if args.adapter else None
-    if "pte" in names and (adapter is None or not adapter.encodes):
-        raise ValueError("--policy pte needs --adapter with a thought encoder "
-                         "(adapter mode pte, global-0 or global-only)"
-                         f", got {'no adapter' if adapter is None else 'mode ' + adapter.cfg.mode}")
-    out.mkdir(parents=True, exist_ok=True)
+    with claim(out):
+        device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+        net = models.load(args.model, None if args.dtype == "auto" else getattr(torch, args.dtype), device)
+        adapter = load_adapter(args.adapter, net.config, device) if args.adapter else None
+        if "pte" in names and (adapter is None or not adapter.encodes):
+            raise ValueError("--policy pte needs --adapter with a thought encoder "
+                             "(adapter mode pte, global-0 or global-only)"
+                             f", got {'no adapter' if adapter is None else 'mode ' + adapter.cfg.mode}")
+        return write_results(out, argv, args, net, tokenizer, family, adapter, device, benches, policies, skipped)
+
+
+def write_results(out, argv, args, net, tokenizer, family, adapter, device, benches, policies, skipped):
+    """Evaluate every (bench, policy) into samples.jsonl and results.json, each written as .part and renamed at the
+    end; a stop or an error removes the .part files."""
     command = shlex.join(["python", "eval.py", *argv])
     results = dict(command=command, args=vars(args), model_dir=str(models.resolve(args.model)), chat_family=family,
                    adapter_mode=adapter.cfg.mode if adapter else None, grader_version=grade.GRADER_VERSION,
                    torch=torch.__version__, device=str(device), dtype=str(net.embed_tokens.weight.dtype), results=[])
+    parts = [out / "samples.jsonl.part", out / "results.json.part"]
     start = time.perf_counter()
-    with open(out / "samples.jsonl.part", "w", encoding="utf-8") as f:  # renamed with results.json, at the end
-        for bench, problems in benches.items():
-            for policy in policies:
-                summary, records = evaluate(net, tokenizer, problems, policy, adapter, family, args.max_new,
-                                            args.samples, args.temperature, args.top_p, args.batch_size, args.seed,
-                                            kl=args.kl, compile=args.compile)
-                results["results"].append(dict(bench=bench, policy=policy.policy, budget=policy.budget,
-                                               evict=policy.evict, skipped=skipped[bench], **summary))
-                f.writelines(json.dumps(dict(bench=bench, policy=policy.policy, **r), ensure_ascii=False) + "\n"
-                             for r in records)
-    results["wall_s"] = time.perf_counter() - start
-    (out / "results.json.part").write_text(json.dumps(results, indent=1))
-    os.replace(out / "samples.jsonl.part", out / "samples.jsonl")
-    os.replace(out / "results.json.part", out / "results.json")
+    try:
+        with open(parts[0], "w", encoding="utf-8") as f:
+            for bench, problems in benches.items():
+                for policy in policies:
+                    summary, records = evaluate(net, tokenizer, problems, policy, adapter, family, args.max_new,
+                                                args.samples, args.temperature, args.top_p, args.batch_size,
+                                                args.seed, kl=args.kl, compile=args.compile)
+                    results["results"].append(dict(bench=bench, policy=policy.policy, budget=policy.budget,
+                                                   evict=policy.evict, skipped=skipped[bench], **summary))
+                    f.writelines(json.dumps(dict(bench=bench, policy=policy.policy, **r), ensure_ascii=False) + "\n"
+                                 for r in records)
+        results["wall_s"] = time.perf_counter() - start
+        parts[1].write_text(json.dumps(results, indent=1))
+        os.replace(parts[0], out / "samples.jsonl")
+        os.replace(parts[1], out / "results.json")
+    finally:
+        for part in parts:
+            part.unlink(missing_ok=True)
     print(f"$ {command}\n\n{table(results['results'])}\n\nwall {results['wall_s']:.1f} s; results in {out}/")
     return results
 
 
 def main(argv=None):
+    """eval.py's command line. Ctrl-C or SIGTERM stop it with exit 130 or 143, leaving no partial file."""
     argv = sys.argv[1:] if argv is None else list(argv)
     p = parser()
-    try:
-        return run(p.parse_args(argv), argv)
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+    args = p.parse_args(argv)
+    with data.stop_on_signals():
+        try:
+            return run(p, args, argv)
+        except data.Stop as e:
+            print(f"\n{signal.Signals(e.args[0]).name}: stopped; nothing was written", file=sys.stderr)
+            raise SystemExit(128 + e.args[0]) from None
+        except (ValueError, OSError) as e:
+            p.error(str(e))
 
 
 if __name__ == "__main__":
-    main()
+    with data.quiet_exit():
+        main()

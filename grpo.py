@@ -1,15 +1,24 @@
 """GRPO mathematics as small pure functions on tensors: group advantages, the clipped surrogate,
-Schulman's k3 KL estimator and the three loss aggregations (SPEC section 5). No model code, no I/O.
+Schulman's k3 KL estimator and the three loss aggregations (docs/method.md §7). No model code, no I/O.
 
 Departures and choices (the paper gives none of these details):
 - std of a group is the sample std (Bessel, /(G-1)), as TRL and verl compute it; paper: "std"; here: sample.
 - A group whose rewards are all equal gets advantage exactly 0 (no rounding residue amplified by 1/eps).
 - All loss math runs in float32, whatever the dtype of the log-probs (bf16 ratios are too coarse to clip).
 - The surrogate uses asymmetric clipping (DAPO's clip-higher): [1 - eps, 1 + eps_high].
+- The KL penalty's estimator is a choice (`kl_penalty`), because the two in use pull towards different divergences.
+  On tokens x sampled from pi_old, at pi = pi_old (one update per batch), with d = log ref(x) - log pi(x):
+    k3       = e^d - d - 1:      E[grad k3] = sum_x (pi - ref) grad log pi = grad KL(ref || pi)
+    k3-ratio = (pi / pi_old) k3: E[grad]    = sum_x pi (k3 + 1 - e^d) grad log pi = sum_x log(pi / ref) grad pi
+                                            = grad KL(pi || ref)
+  Both have the value of an unbiased estimate of KL(pi || ref) when pi = pi_old; only the gradient differs.
+  k3 (the default) is the GRPO paper's and the usual recipes'; k3-ratio is DeepSeek-V3.2's importance-corrected
+  estimator (TRL's GRPOTrainer: `use_bias_correction_kl`), whose gradient is that of the KL the penalty names.
 """
 import torch
 
 AGGREGATIONS = ("token-mean", "seq-mean", "constant")
+KL_ESTIMATORS = ("k3", "k3-ratio")
 
 
 def group_advantages(rewards, group_size, std_norm=True, eps=1e-6):
@@ -34,9 +43,21 @@ def group_advantages(rewards, group_size, std_norm=True, eps=1e-6):
 
 def kl_k3(logp, ref_logp):
     """Schulman's k3 estimator of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1, >= 0.
-    Unbiased for the KL and, unlike k1 = logp - ref, its gradient does not vanish in expectation."""
+    Its value is unbiased for KL(pi || ref) on samples of pi; as a loss its gradient is that of KL(ref || pi)."""
     log_ratio = ref_logp.float() - logp.float()  # (N, T)
     return torch.exp(log_ratio) - log_ratio - 1  # (N, T)
+
+
+def kl_penalty(logp, old_logp, ref_logp, estimator="k3"):
+    """The per-token KL term of the loss (N, T). k3: kl_k3, whose gradient is that of KL(ref || pi);
+    k3-ratio: exp(logp - old_logp) * kl_k3 with old_logp constant, whose gradient is that of KL(pi || ref)
+    (the module docstring derives both)."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}, expected one of {KL_ESTIMATORS}")
+    k3 = kl_k3(logp, ref_logp)  # (N, T)
+    if estimator == "k3":
+        return k3
+    return torch.exp(logp.float() - old_logp.float().detach()) * k3  # (N, T)
 
 
 def policy_loss(logp, old_logp, adv, eps=0.2, eps_high=0.28):
@@ -78,20 +99,22 @@ def aggregate(per_token, mask, how="token-mean", max_new=None, n_rows=None, n_to
 
 
 def grpo_loss(logp, old_logp, adv, mask, ref_logp=None, beta=0.0, eps=0.2, eps_high=0.28,
-              how="token-mean", max_new=None, n_rows=None, n_tokens=None):
-    """aggregate(policy_loss + beta * k3) -> (loss scalar, stats: clip_frac, kl, ratio_mean over valid tokens)."""
+              how="token-mean", max_new=None, n_rows=None, n_tokens=None, kl_estimator="k3"):
+    """aggregate(policy_loss + beta * kl_penalty) -> (loss scalar, stats: clip_frac, kl (the penalty's value),
+    ratio_mean over valid tokens)."""
     if beta and ref_logp is None:
         raise ValueError(f"beta = {beta} needs ref_logp, the reference policy's log-probs")
     per_token, clipped = policy_loss(logp, old_logp, adv, eps, eps_high)  # (N, T)
-    k3 = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(per_token)  # (N, T)
+    kl = (kl_penalty(logp, old_logp, ref_logp, kl_estimator) if ref_logp is not None
+          else torch.zeros_like(per_token))  # (N, T)
     if beta:
-        per_token = per_token + beta * k3
+        per_token = per_token + beta * kl
     loss = aggregate(per_token, mask, how, max_new, n_rows, n_tokens)
     with torch.no_grad():  # stats are local to this (micro-)batch
         valid = mask.bool()
         n = valid.sum().clamp(min=1)
         ratio = torch.exp(logp.float() - old_logp.float())  # (N, T)
         stats = {"clip_frac": ((clipped & valid).sum() / n).item(),
-                 "kl": (torch.where(valid, k3, 0.0).sum() / n).item(),
+                 "kl": (torch.where(valid, kl, 0.0).sum() / n).item(),
                  "ratio_mean": (torch.where(valid, ratio, 0.0).sum() / n).item()}
     return loss, stats

@@ -1,6 +1,6 @@
 """The decoder-only transformer of the Qwen2/Qwen2.5 and Llama/Llama-3 families, and its loader.
 
-One module, written to be read next to SPEC section 1: RMSNorm in fp32, rotate-half RoPE (Hugging Face
+One module, written to be read next to docs/method.md §1: RMSNorm in fp32, rotate-half RoPE (Hugging Face
 layout, with Llama-3 frequency scaling), grouped-query attention, SwiGLU, q/k/v bias when the checkpoint
 has one, tied or untied `lm_head`. Two hooks make it the base of everything else without subclassing:
 - `cache`: any object with `update(layer, k, v) -> (keys, values)` and `mask` (B, 1, T, S); keys arrive
@@ -157,7 +157,7 @@ packed_linear.register_fake(lambda x, packed, bias: x.new_empty(*x.shape[:-1], p
 
 def dense(x, linear):
     """linear(x), through oneDNN with the blocked copy of the weight that `packed_weights` made, if any."""
-    if hasattr(linear, "packed"):  # eager calls the oneDNN op itself: the custom op's dispatch costs ~10 us a call
+    if hasattr(linear, "packed"):  # eager calls the oneDNN op itself: the custom op's dispatch costs time
         return (packed_linear if torch.compiler.is_compiling() else onednn_linear)(x, linear.packed, linear.bias)
     return F.linear(x, linear.weight, linear.bias)
 
@@ -274,24 +274,28 @@ class Transformer(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- loading
 
-def _hf(layers, dim, ffn, heads, kv, vocab, tied, theta, model_type="qwen2", eps=1e-6, scaling=None, eos=151645):
-    return dict(model_type=model_type, num_hidden_layers=layers, hidden_size=dim, intermediate_size=ffn,
-                num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied,
-                rope_theta=theta, rms_norm_eps=eps, rope_scaling=scaling, eos_token_id=eos)
+SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "vocab_size", "tie_word_embeddings", "rope_theta")
 
 
-# name -> (Hugging Face repo, its config: the shapes of SPEC section 1, for random-weight models of real size)
+def _hf(shape, model_type="qwen2", eps=1e-6, scaling=None, eos=151645):
+    """A Hugging Face config.json from shape = (layers, d, ffn, heads, KV heads, vocab, tied, rope theta)."""
+    return dict(zip(SHAPE_KEYS, shape), model_type=model_type, rms_norm_eps=eps, rope_scaling=scaling,
+                eos_token_id=eos)
+
+
+# name -> (Hugging Face repo, its config: the shapes of docs/method.md §1, for random-weight models of real size)
 REGISTRY = {
-    "qwen2.5-0.5b": ("Qwen/Qwen2.5-0.5B-Instruct", _hf(24, 896, 4864, 14, 2, 151936, True, 1e6)),
-    "qwen2.5-1.5b": ("Qwen/Qwen2.5-1.5B-Instruct", _hf(28, 1536, 8960, 12, 2, 151936, True, 1e6)),
-    "qwen2.5-3b": ("Qwen/Qwen2.5-3B-Instruct", _hf(36, 2048, 11008, 16, 2, 151936, True, 1e6)),
-    "qwen2.5-7b": ("Qwen/Qwen2.5-7B-Instruct", _hf(28, 3584, 18944, 28, 4, 152064, False, 1e6)),
+    "qwen2.5-0.5b": ("Qwen/Qwen2.5-0.5B-Instruct", _hf((24, 896, 4864, 14, 2, 151936, True, 1e6))),
+    "qwen2.5-1.5b": ("Qwen/Qwen2.5-1.5B-Instruct", _hf((28, 1536, 8960, 12, 2, 151936, True, 1e6))),
+    "qwen2.5-3b": ("Qwen/Qwen2.5-3B-Instruct", _hf((36, 2048, 11008, 16, 2, 151936, True, 1e6))),
+    "qwen2.5-7b": ("Qwen/Qwen2.5-7B-Instruct", _hf((28, 3584, 18944, 28, 4, 152064, False, 1e6))),
     "r1-llama-8b": ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", _hf(
-        32, 4096, 14336, 32, 8, 128256, False, 5e5, "llama", 1e-5, eos=128001,
+        (32, 4096, 14336, 32, 8, 128256, False, 5e5), "llama", 1e-5, eos=128001,
         scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                      original_max_position_embeddings=8192))),
     "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", _hf(
-        30, 576, 1536, 9, 3, 49152, True, 1e5, "llama", 1e-5, eos=2)),
+        (30, 576, 1536, 9, 3, 49152, True, 1e5), "llama", 1e-5, eos=2)),
     "toy": (None, None),  # ships in this repository: toy/ (built by experiments/toy.py)
 }
 TOY_DIR = Path(__file__).resolve().parent / "toy"

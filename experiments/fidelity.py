@@ -35,7 +35,7 @@ from encoder import Adapter, AdapterConfig, load_adapter, save_adapter, trainabl
 from eval import evaluate, kl_start, token_kl  # noqa: E402
 from rollout import CachePolicy, Rollout, generate  # noqa: E402
 
-BUILT = Path.home() / ".cache" / "smollm2-135m-instruct"  # where ../shared/tools/smollm2.sh builds it
+BUILT = Path.home() / ".cache" / "smollm2-135m-instruct"  # where a local build of it may live
 MODEL = os.environ.get("PTE_SMOLLM2") or (str(BUILT) if (BUILT / "config.json").exists() else "smollm2-135m")
 BAND = (88, 91)  # templated prompt lengths kept: one budget gives every row nearly the same window
 ROWS = (("bare window", "window", None), ("LoRA_c", "window", "lora_c"), ("PTE", "pte", "pte"))
@@ -43,8 +43,8 @@ ROWS = (("bare window", "window", None), ("LoRA_c", "window", "lora_c"), ("PTE",
 
 def parser():
     p = argparse.ArgumentParser(prog="experiments/fidelity.py", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=MODEL, help="SmolLM2-135M-Instruct: $PTE_SMOLLM2, else the folder "
-                   "../shared/tools/smollm2.sh builds, else the registry name (Hugging Face cache)")
+    p.add_argument("--model", default=MODEL, help="SmolLM2-135M-Instruct: $PTE_SMOLLM2, else "
+                   "~/.cache/smollm2-135m-instruct, else the registry name (Hugging Face cache)")
     p.add_argument("--data-dir", help="where gsm8k.jsonl lives (default: $PTE_DATA, else data/)")
     p.add_argument("--slots", type=int, default=64, help="thought slots of the shortest prompt: budget 91 + slots")
     p.add_argument("--max-new", type=int, default=256, help="completion token limit (training and evaluation)")
@@ -123,7 +123,8 @@ def paired(net, prompts, budget, adapters, args, out):
         ro = generate(net, prompts, CachePolicy("window", budget), args.max_new, temperature=1.0, generator=gen)
         kls = {}  # label -> (per-completion sums, token counts) over each row's tokens after its first eviction
         for label, policy, name in ROWS:
-            per_token = token_kl(net, ro, CachePolicy(policy, budget), adapters[name])  # (B, T)
+            with torch.no_grad():  # token_kl follows autograd where it is on (train.py's distillation)
+                per_token = token_kl(net, ro, CachePolicy(policy, budget), adapters[name])  # (B, T)
             scored = torch.zeros_like(ro.mask)
             for b, n in enumerate(ro.mask.sum(1).tolist()):
                 scored[b, kl_start(ro, CachePolicy(policy, budget), b) or n:n] = True

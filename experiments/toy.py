@@ -45,17 +45,14 @@ from data import (DIGIT, EVAL_SEED, ID, MEMO_AT, PROMPT_LEN, SPECIALS, TRACE_LEN
 from model import TOY_DIR, Transformer, config_from_hf, load, load_tokenizer  # noqa: E402
 from rollout import CachePolicy, generate  # noqa: E402
 
-# train.py's defaults for this model folder (train.py reads train_defaults.json in any model folder that has one).
-# Its data sets are generated (data.GENERATED): toy-train, toy-eval. Measured (256 held-out problems, 1 thread; README,
-# "Why GRPO stalled"): the encoder's S holds the memo from initialisation (a linear probe reads it at 1.00), so a stall
-# is the readout's. With LoRA's init (B = 0) the first updates go to B, which reads one random projection S A x of S,
-# alike at every position: the chain broke (KL to the base up to 0.27) and seed 2 stayed at chance for 160 steps.
-# With A = 0 and B ~ N(0, 0.03^2) (b_init) the first updates go to A, whose gradient S^T B^T g x^T reads all of S and
-# only where the reward speaks, and the encoder may learn at the adapters' rate (held-out mean of 3 seeds 0.923,
-# against 0.879 at 0.3 of it and 0.841 at a tenth). Also: B's scale alpha / r = 8, only the output projections
-# adapted (q/k updates broke the chain), beta 0.05; micro_batch 256: one backward pass a step; checkpoint false:
-# no memory to save, and the recompute made score and backward 1.8x slower; threads 1: tiny matrices, more threads
-# only add synchronisation (7x slower on a busy machine).
+# train.py's defaults for this model folder (train.py reads train_defaults.json in any model folder that has one); its
+# data sets are generated (data.GENERATED: toy-train, toy-eval). Why these values (measured in docs/toy.md): the
+# encoder's S holds the memo from initialisation, so a stall is the readout's. With LoRA's init (B = 0) the first
+# updates go to B, which reads one random projection S A x of S, alike at every position, and the chain broke; with
+# A = 0 and B random (b_init) they go to A, whose gradient S^T B^T g x^T reads all of S and only where the reward
+# speaks, and the encoder learns best at the adapters' rate. Also: alpha / r = 8; only the output projections adapted
+# (q/k updates broke the chain); a KL anchor (beta); one backward pass a step (micro_batch); no gradient checkpoints
+# (no memory to save, the recompute only costs time); one thread (tiny matrices: more threads only synchronise).
 TOY_DEFAULTS = json.loads((TOY_DIR / "train_defaults.json").read_text())
 
 
@@ -134,7 +131,7 @@ def lr_factor(step, steps, warmup):
 def window_mask(windowed):
     """Additive attention mask (B, 1, T, T) of the training sequence (prompt + trace but its last token): causal
     for full-cache rows; for `windowed` rows each thought sees the prompt and exactly the thoughts that were in the
-    window of budget P + 8 when it was written (SPEC section 2's reference semantics)."""
+    window of budget P + 8 when it was written (the reference semantics of docs/method.md §2)."""
     T, n = PROMPT_LEN + TRACE_LEN - 1, TRACE_LEN - 1
     W = TOY_DEFAULTS["cache"] - PROMPT_LEN
     m = evict_count(W, TOY_DEFAULTS["evict"])

@@ -1,7 +1,9 @@
 """data.py: prompts against each model's own jinja chat template and the real Qwen2.5 tokenizer; the real data files;
 every field variant and error message; resolve_data offline (no test touches the network or ~/.cache)."""
+import argparse
 import json
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -279,8 +281,8 @@ def test_generated_sets_are_the_toys_problems():
 
 
 def test_prompts_that_leave_too_few_thought_slots_are_set_aside():
-    """Each prompt against the budget on its own (SPEC section 2: W_i = budget - len_i): at budget 23 the 19-token toy
-    prompts leave exactly MIN_THOUGHT_SLOTS = 4 and stay; the 20- and 21-token ones leave 3 and 2 and go."""
+    """Each prompt against the budget on its own (docs/method.md §2: W_i = budget - len_i): at budget 23 the 19-token
+    toy prompts leave exactly MIN_THOUGHT_SLOTS = 4 and stay; the 20- and 21-token ones leave 3 and 2 and go."""
     import toy
     from cache import MIN_THOUGHT_SLOTS
     tokenizer = toy.make_tokenizer()
@@ -458,3 +460,62 @@ def test_atomic_write_never_leaves_a_half_written_file(tmp_path):
     assert path.read_text() == "old"
     data.atomic_write(path, lambda p: p.write_text("new"))
     assert path.read_text() == "new"
+
+
+# ---------------------------------------------------------------------------------------------------- command lines
+
+def test_number_checks_text_and_values_from_files_alike():
+    positive, share = data.number(float, 0, above=True), data.number(float, 0, 1, above=True)
+    count = data.number(int, 1)
+    assert (positive("1e-3"), positive(2), share(1), count("7"), count(7)) == (1e-3, 2.0, 1.0, 7, 7)
+    for parse, value, message in ((positive, "inf", "must be > 0, got inf"), (positive, "nan", "must be > 0, got nan"),
+                                  (positive, float("inf"), "got inf"), (positive, True, "must be a number, got True"),
+                                  (share, 1.5, "must be > 0 and <= 1, got 1.5"), (count, 2.5, "an integer, got 2.5"),
+                                  (count, False, "must be an integer, got False"), (count, 0, "must be >= 1, got 0")):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            parse(value)
+    with pytest.raises(ValueError):  # argparse turns it into "invalid int value"
+        count("1e9")
+
+
+def test_file_value_applies_the_flags_checks():
+    p = argparse.ArgumentParser()
+    actions = {a.dest: a for a in (p.add_argument("--n", type=data.number(int, 1)),
+                                   p.add_argument("--on", action="store_true"),
+                                   p.add_argument("--kind", choices=["a", "b"]), p.add_argument("--name"))}
+    assert [data.file_value(actions[k], v) for k, v in (("n", 3), ("n", "3"), ("on", False), ("kind", "b"),
+                                                         ("name", "x"))] == [3, 3, False, "b", "x"]
+    for key, value, message in (("n", "x", "invalid int value 'x'"), ("on", "yes", "must be true or false"),
+                                ("kind", "c", "must be one of a, b, got 'c'"), ("name", 5, "must be a string, got 5")):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            data.file_value(actions[key], value)
+
+
+def test_read_json_names_the_file(tmp_path):
+    path = tmp_path / "x.json"
+    for text, message in (("{", "x.json: malformed JSON"), ("[1]", "x.json: expected a JSON object, got list")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            data.read_json(path)
+    with pytest.raises(FileNotFoundError, match="y.json not found"):
+        data.read_json(tmp_path / "y.json")
+    path.write_text('{"a": 1}')
+    assert data.read_json(path) == {"a": 1}
+
+
+def test_only_writer_holds_a_folder(tmp_path):
+    """The lock is the OS's (flock, per open file): a second holder, here the same process through another open of
+    the lock file, is refused at once with the first's PID; it is free again once the first lets go."""
+    folder = tmp_path / "new" / "out"
+    with data.only_writer(folder):
+        assert (folder / ".lock").read_text() == f"{os.getpid()}\n" and data.contents(folder) == []
+        with pytest.raises(ValueError, match=re.escape(f"--out {folder} is in use by another process (PID "
+                                                       f"{os.getpid()}): wait for it to end, or name another folder")):
+            with data.only_writer(folder):
+                pass
+    with data.only_writer(folder, "--resume"):
+        pass
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="file: not a folder"):
+        with data.only_writer(tmp_path / "file"):
+            pass

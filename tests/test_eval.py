@@ -1,14 +1,19 @@
 """eval.py: avg@k / pass@k / lengths / evictions by hand with a stub generate; the CLI end to end on a tiny random Qwen2
 with the real Qwen2.5 tokenizer and chat template; the error messages."""
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_hf
+from conftest import ROOT, tiny_hf
 from safetensors.torch import save_file
 
 import data
@@ -108,7 +113,7 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     assert saved["grader_version"] == ev.grade.GRADER_VERSION and saved["chat_family"] == "qwen2.5"
     assert saved["args"]["seed"] == 3 and saved["args"]["max_new"] == 12 and saved["args"]["temperature"] == 1.0
     assert saved["results"] == json.loads(json.dumps(results["results"])) and saved["wall_s"] > 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json", "samples.jsonl"]  # no .part left
+    assert data.contents(tmp_path / "out") == ["results.json", "samples.jsonl"]  # no .part left
     full, window = saved["results"]
     assert (full["policy"], window["policy"], window["budget"], window["evict"]) == ("full", "window", tiny[2] + 8, 0.5)
     samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
@@ -145,11 +150,14 @@ def test_errors(tiny, tmp_path, capsys):
     assert "eval.py: error: cache policy 'lru'" in errors(tiny, tmp_path, capsys, "--policy", "full,lru")
     assert "every prompt leaves fewer than 4 thought slots at --cache 20" in errors(
         tiny, tmp_path, capsys, "--policy", "window", "--cache", "20")
-    assert "--policy pte needs --adapter" in errors(tiny, tmp_path, capsys, "--policy", "pte")
+    fits = ("--cache", str(tiny[2] + 8))  # the default 1024 is beyond the tiny model's 512 positions
+    assert "--cache 1024: more than the model's 512 positions" in errors(tiny, tmp_path, capsys, "--policy", "window")
+    assert "--policy pte needs --adapter" in errors(tiny, tmp_path, capsys, "--policy", "pte", *fits)
     encoder.save_adapter(encoder.Adapter(ev.models.load(folder).config, encoder.AdapterConfig(mode="lora", rank=2)),
                          tmp_path / "lora")
     assert "records no policy" in errors(tiny, tmp_path, capsys, "--adapter", str(tmp_path / "lora"))
-    assert "got mode lora" in errors(tiny, tmp_path, capsys, "--adapter", str(tmp_path / "lora"), "--policy", "pte")
+    assert "got mode lora" in errors(tiny, tmp_path, capsys, "--adapter", str(tmp_path / "lora"), "--policy", "pte",
+                                     *fits)
 
 
 def test_prompts_that_leave_too_few_thought_slots_are_skipped_and_counted(tiny, tmp_path, capsys):
@@ -238,3 +246,41 @@ def test_broken_model_and_adapter_files_are_refused(tiny_qwen, tmp_path):
     encoder.save_adapter(adapter, tmp_path / "adapter", policy="pte")
     with pytest.raises(ValueError, match="adapter.safetensors: NaN or infinite values in q_g"):
         encoder.load_adapter(tmp_path / "adapter", model_cfg)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_one_writer_and_a_clean_stop(tmp_path, signum, code):
+    """Two eval.py with one --out: the second is refused at once, naming the first's PID. Ctrl-C or SIGTERM then
+    stop the first with exit 130 or 143, no traceback and no .part file left."""
+    out = tmp_path / "out"
+    command = [sys.executable, "eval.py", "--model", "toy", "--bench", "toy-eval", "--policy", "window", "--cache",
+               "27", "--max-new", "24", "--batch-size", "8", "--threads", "1", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731 (a background shell ignores it)
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=default_sigint)
+    deadline = time.time() + 120
+    while not (out / "samples.jsonl.part").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert second.returncode == 2 and (f"eval.py: error: --out {out} is in use by another process (PID {first.pid})"
+                                       in second.stderr), second.stderr[-2000:]
+    first.send_signal(signum)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == code and "Traceback" not in err, err[-2000:]
+    assert f"{signal.Signals(signum).name}: stopped; nothing was written" in err
+    assert data.contents(out) == []  # the lock file aside
+
+
+def test_out_must_be_new_or_empty_and_adapter_files_are_checked(tiny, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert "is not empty (notes.txt): name a new or empty folder" in errors(tiny, tmp_path, capsys, "--policy", "full")
+    assert data.contents(tmp_path / "out") == ["notes.txt"] and not (tmp_path / "out" / ".lock").exists()
+    adapter = encoder.Adapter(ev.models.load(tiny[0]).config, encoder.AdapterConfig(mode="pte", rank=2, n_globals=2))
+    encoder.save_adapter(adapter, tmp_path / "adapter", policy="pte", settings=dict(cache=-5))
+    assert "adapter.json: settings.cache: must be >= 1, got -5" in errors(tiny, tmp_path / "a", capsys, "--adapter",
+                                                                           str(tmp_path / "adapter"))
+    (tmp_path / "adapter" / "adapter.json").write_text("{not json")
+    assert f"{tmp_path / 'adapter' / 'adapter.json'}: malformed JSON" in errors(tiny, tmp_path / "b", capsys,
+                                                                                 "--adapter", str(tmp_path / "adapter"))

@@ -1,4 +1,4 @@
-"""eval.py --kl against KL computed by hand from two masked forwards (full causal, and the SPEC section 2 window);
+"""eval.py --kl against KL computed by hand from two masked forwards (full causal, and the window of docs/method.md §2);
 about 0 for the full cache; an adapter counts; on the toy, distillation under pte brings the KL below the window's."""
 import sys
 from types import SimpleNamespace

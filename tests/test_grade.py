@@ -270,7 +270,7 @@ def test_gold_list_is_capped():
     assert time.perf_counter() - start < 0.05  # refused before any is tried (100,000 once took 7.7 s)
 
 
-KNOWN_MISSES = {  # labelled by the maths; grade.py gets these wrong (README, ## Grading)
+KNOWN_MISSES = {  # labelled by the maths; grade.py gets these wrong (docs/grading.md)
     ("-3 < x < 3", "|x| < 3"),                                         # |x| < a is not read as an interval
     ("\\begin{pmatrix}-1&0\\\\0&-1\\end{pmatrix}", "-\\begin{pmatrix}1&0\\\\0&1\\end{pmatrix}"),  # no scalar * matrix
     ("The answer is 12, not 13.", "12"),                               # the sentence's rest is kept

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grpo import aggregate, group_advantages, grpo_loss, kl_k3, policy_loss  # noqa: E402
+from grpo import aggregate, group_advantages, grpo_loss, kl_k3, kl_penalty, policy_loss  # noqa: E402
 
 LN2 = math.log(2)
 
@@ -78,6 +78,68 @@ def test_k3_values_and_gradient():
 def test_k3_nonnegative():
     g = torch.Generator().manual_seed(0)
     assert (kl_k3(torch.randn(4, 7, generator=g) * 3, torch.randn(4, 7, generator=g) * 3) >= 0).all()
+
+
+# --- which KL each estimator's gradient follows -----------------------------------------------------------
+
+CATEGORICALS = [  # (logits of pi, ref): a 4-way and a 3-way categorical, pi and ref far apart
+    (torch.tensor([0.5, -0.3, 1.2, 0.0], dtype=torch.float64), torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)),
+    (torch.tensor([2.0, 0.0, -1.0], dtype=torch.float64), torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)),
+]
+
+
+def expected_penalty_gradient(estimator, logits, ref):
+    """d/d logits of E_{x ~ pi_old}[penalty(x)] at pi_old = pi = softmax(logits), computed exactly: every outcome
+    weighted by its probability (a constant: the samples do not move), the penalty differentiated through log pi(x)
+    as the loss is."""
+    logits = logits.clone().requires_grad_()
+    logp = torch.log_softmax(logits, -1)  # (K,): one "token" per outcome
+    penalty = kl_penalty(logp[None], logp.detach()[None], ref.log()[None], estimator)[0]  # (K,)
+    (logp.detach().exp() * penalty).sum().backward()
+    return logits.grad
+
+
+def exact_kl_gradients(logits, ref):
+    """(grad KL(ref || pi), grad KL(pi || ref)) in the logits, by hand and checked against autograd of the sums:
+    KL(ref || pi) = sum ref log(ref / pi)  -> pi - ref
+    KL(pi || ref) = sum pi log(pi / ref)   -> pi * (log(pi / ref) - KL(pi || ref))"""
+    pi = torch.softmax(logits, -1)
+    reverse = pi - ref
+    forward = pi * ((pi / ref).log() - (pi * (pi / ref).log()).sum())
+    for by_hand, kl in ((reverse, lambda p: (ref * (ref / p).log()).sum()),
+                        (forward, lambda p: (p * (p / ref).log()).sum())):
+        x = logits.clone().requires_grad_()
+        kl(torch.softmax(x, -1)).backward()
+        torch.testing.assert_close(x.grad, by_hand)
+    return reverse, forward
+
+
+@pytest.mark.parametrize("logits, ref", CATEGORICALS)
+def test_k3_gradient_is_that_of_kl_ref_pi_and_k3_ratio_that_of_kl_pi_ref(logits, ref):
+    reverse, forward = exact_kl_gradients(logits, ref)
+    # the two targets differ, and neither is near 0: a swapped pair or a flipped sign cannot pass
+    assert (reverse - forward).abs().max() > 0.05 and reverse.abs().max() > 0.1 and forward.abs().max() > 0.1
+    torch.testing.assert_close(expected_penalty_gradient("k3", logits, ref), reverse)
+    torch.testing.assert_close(expected_penalty_gradient("k3-ratio", logits, ref), forward)
+
+
+def test_kl_estimators_in_grpo_loss_by_hand():
+    # one token, ratio 1, d = ref - logp = ln2, beta 0.1: both estimators have the value k3 = 0.306853;
+    # k3 grad:       beta * (1 - e^d)            = 0.1 * (1 - 2) = -0.1
+    # k3-ratio grad: beta * (k3 + 1 - e^d) = beta * (-d) = -0.1 * ln2 = -0.0693147
+    for estimator, grad in (("k3", -0.1), ("k3-ratio", -0.1 * LN2)):
+        logp = torch.tensor([[-2.0]], requires_grad=True)
+        loss, stats = grpo_loss(logp, logp.detach(), torch.zeros(1), torch.ones(1, 1), logp.detach() + LN2,
+                                beta=0.1, kl_estimator=estimator)
+        loss.backward()
+        close(logp.grad, [[grad]])
+        assert stats["kl"] == pytest.approx(0.306853, abs=1e-6)
+    # off the old policy (ratio 1.5) k3-ratio weighs the value too: 1.5 * 0.306853
+    logp, ref = torch.tensor([[-2.0]]), torch.tensor([[-2.0 + LN2]])
+    close(kl_penalty(logp, logp - math.log(1.5), ref, "k3-ratio"), [[1.5 * 0.306853]])
+    close(kl_penalty(logp, logp - math.log(1.5), ref, "k3"), [[0.306853]])
+    with pytest.raises(ValueError, match="KL estimator"):
+        kl_penalty(logp, logp, ref, "k2")
 
 
 # --- clipped surrogate ------------------------------------------------------------------------------------

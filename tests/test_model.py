@@ -97,25 +97,26 @@ def test_dtype(tiny_qwen):
 @pytest.mark.parametrize("packed", [False, True])
 def test_cached_decoding_equals_one_forward(tiny_qwen, packed):
     """Prefill + one token at a time through RingCache (as rollout.generate does) gives the logits of one causal
-    forward over the whole sequence; row 1 is left-padded by 3 and must match its own unpadded forward.
+    forward over the whole sequence; row 1's prompt is 3 tokens shorter (right-padded in the prefill, its ring from
+    slot 5 on, where the pads were) and must match its own unpadded forward.
     packed: the decode runs through oneDNN's blocked weights (generate's CPU path), the reference does not."""
     ours = M.load(tiny_qwen[0])
     seq, P, T, lens = random_tokens((2, 24)), 8, 16, torch.tensor([8, 5])
-    prompt_pos = (torch.arange(P) - (P - lens)[:, None]).clamp(min=-1)  # (2, P), -1 at pads
-    cache = RingCache.allocate(ours.config, 2, P, [T, T], torch.float32, "cpu")
+    prompt_pos = torch.arange(P).expand(2, P).masked_fill(torch.arange(P) >= lens[:, None], -1)  # (2, P), -1 at pads
+    cache = RingCache.allocate(ours.config, [8, 5], [T, T], [T, T], torch.float32, "cpu")
     with torch.no_grad(), (M.packed_weights(ours) if packed else contextlib.nullcontext()):
         assert hasattr(ours.layers[0].self_attn.q_proj, "packed") == (packed and M.ONEDNN)
-        cache.write_prompt(prompt_pos)
-        logits = [ours(seq[:, :P], prompt_pos.clamp(min=0), cache)]
-        for t in range(T):
+        cache.write_prompt(slice(None), prompt_pos)
+        prompt_logits, thought_logits = ours(seq[:, :P], prompt_pos.clamp(min=0), cache), []  # (2, P, V)
+        for t in range(T):  # the thought tokens seq[:, P:] follow each row's own prompt
             cache.write_thought(t, lens + t)
-            logits.append(ours(seq[:, P + t:P + t + 1], (lens + t)[:, None], cache))
-        logits = torch.cat(logits, 1)  # (2, P + T, V)
+            thought_logits.append(ours(seq[:, P + t:P + t + 1], (lens + t)[:, None], cache))
+        thought_logits = torch.cat(thought_logits, 1)  # (2, T, V)
     assert not any(hasattr(m, "packed") for m in ours.modules())  # the copies are gone on exit
     with torch.no_grad():
-        for row, pad in enumerate((P - lens).tolist()):
-            expected = ours(seq[row:row + 1, pad:])[0]
-            assert (logits[row, pad:] - expected).abs().max() < 1e-5
+        for row, n in enumerate(lens.tolist()):
+            expected = ours(torch.cat([seq[row, :n], seq[row, P:P + T]])[None])[0]  # (n + T, V)
+            assert (torch.cat([prompt_logits[row, :n], thought_logits[row]]) - expected).abs().max() < 1e-5
 
 
 def test_generate_logprobs_equal_one_forward(tiny_qwen):
@@ -130,7 +131,7 @@ def test_generate_logprobs_equal_one_forward(tiny_qwen):
 
 # -------------------------------------------------------------------------------------------------- registry, tokenizer
 
-SPEC_SHAPES = {  # SPEC section 1: layers, d, ffn, H, Hkv, vocab, tied, rope theta; smollm2 from its config.json
+SHAPES = {  # docs/method.md §1: layers, d, ffn, H, Hkv, vocab, tied, rope theta; smollm2 from its config.json
     "qwen2.5-0.5b": (24, 896, 4864, 14, 2, 151936, True, 1e6),
     "qwen2.5-1.5b": (28, 1536, 8960, 12, 2, 151936, True, 1e6),
     "qwen2.5-3b": (36, 2048, 11008, 16, 2, 151936, True, 1e6),
@@ -157,17 +158,17 @@ def test_masked_attention_with_expanded_kv_heads_equals_gqa():
     torch.testing.assert_close(M.attend_one(q[:, :, :1], k, v, mask[:, :, :1]), by_hand[:, :, :1])
 
 
-@pytest.mark.parametrize("name", SPEC_SHAPES)
+@pytest.mark.parametrize("name", SHAPES)
 def test_registry_shapes(name):
     c = M.config_from_hf(M.REGISTRY[name][1])
     shapes = (c.n_layers, c.dim, c.ffn_dim, c.n_heads, c.n_kv_heads, c.vocab_size, c.tie_embeddings, c.rope_theta)
-    assert shapes == SPEC_SHAPES[name]
+    assert shapes == SHAPES[name]
     assert c.head_dim == c.dim // c.n_heads and c.qkv_bias == name.startswith("qwen")
     if name == "r1-llama-8b":
         assert c.rms_eps == 1e-5 and c.rope_scaling == dict(
             rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
             original_max_position_embeddings=8192)
-    assert set(M.REGISTRY) == {*SPEC_SHAPES, "toy"}
+    assert set(M.REGISTRY) == {*SHAPES, "toy"}
 
 
 def test_tokenizer(tmp_path, qwen_tokenizer_dir):

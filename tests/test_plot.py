@@ -79,11 +79,10 @@ def test_reward_curve_of_a_run(tmp_path):
 def ring_contents(prompt, window, m, n_tokens):
     """{t: {slot: thought}} of the real RingCache, driven as rollout.generate drives it."""
     cfg = SimpleNamespace(n_layers=1, n_kv_heads=1, head_dim=2)
-    cache, evicted, seen = RingCache.allocate(cfg, 1, prompt, [window], torch.float32, "cpu"), 0, {}
+    cache, evicted, seen = RingCache.allocate(cfg, [prompt], [window], [m], torch.float32, "cpu"), 0, {}
     for t in range(n_tokens):
-        if t - evicted == window:
-            slots = torch.tensor([[prompt + (evicted + j) % window for j in range(m)]])  # (1, m) the oldest m
-            cache.evict(torch.tensor([0]), slots, torch.ones_like(slots, dtype=torch.bool))
+        if t - evicted == window:  # the ring is full: it drops its oldest m
+            cache.evict(t, 1, m)
             evicted += m
         cache.write_thought(t, torch.tensor([prompt + t]))
         seen[t] = {s - prompt: int(p) - prompt for s, p in enumerate(cache.pos[0].tolist()) if s >= prompt and p >= 0}

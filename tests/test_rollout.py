@@ -1,13 +1,16 @@
-"""rollout.py and cache.py: `window` against the SPEC section 2 reference (one transformers forward with an explicit
+"""rollout.py and cache.py: `window` against the docs/method.md §2 reference (one transformers forward with an explicit
 4D mask computed here from a simulated ring), `pte` against `window`, `score` against `generate` and its gradients,
 fixed memory, RoPE un-rotation, the eviction schedule; on the real SmolLM2, answers that survive eviction."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as M
 from conftest import chatml
-from cache import MaskedForward, RingCache, evict_count, eviction_steps, thought_slots, unrotate
+from cache import MaskedForward, RingCache, evict_count, eviction_steps, thought_slots
 from encoder import Adapter, AdapterConfig
+import rollout
+from cache import Schedule
 from rollout import CachePolicy, fold, generate, sample, score
 
 # left-padded to P = 8; picked so that greedy decoding of the tiny model does not loop on one token in every row
@@ -44,7 +47,7 @@ def make_adapter(cfg, mode, b_std=0.1):
 # ---------------------------------------------------------------------------------------------------- the reference
 
 def rings(budget, evict=0.25):
-    """Each row's (W_i, m_i) at this budget: W_i = budget - len(prompt_i), SPEC section 2."""
+    """Each row's (W_i, m_i) at this budget: W_i = budget - len(prompt_i), docs/method.md §2."""
     return [(budget - len(p), evict_count(budget - len(p), evict)) for p in PROMPTS]
 
 
@@ -61,7 +64,7 @@ def simulate_ring(n_tokens, window, m):
 
 
 def reference_mask(roll, ring):
-    """allowed (B, P+T, P+T) bool and absolute positions (B, P+T) of SPEC section 2 for prompt + completion;
+    """allowed (B, P+T, P+T) bool and absolute positions (B, P+T) of docs/method.md §2 for prompt + completion;
     ring: each row's (W_i, m_i)."""
     (B, P), T = roll.prompts.shape, roll.tokens.shape[1]
     allowed = torch.zeros(B, P + T, P + T, dtype=torch.bool)
@@ -143,7 +146,7 @@ def test_evictions_feed_the_encoder(tiny):
 
 
 def test_fold_is_the_spec_update(tiny):
-    """One eviction into S, by hand for every layer and row (SPEC section 3): S <- sqrt(r) X / ||X||_F with
+    """One eviction into S, by hand for every layer and row (docs/method.md §3): S <- sqrt(r) X / ||X||_F with
     X = S + (q_g W_Q) (K W_K)^T (V W_V) / m, K the evicted keys before RoPE with the KV heads side by side.
     Row 0 evicts 3 tokens, row 1 only 2 (its third is padding, which must count for nothing, not even in m)."""
     cfg, adapter, (B, m) = tiny.config, make_adapter(tiny.config, "pte"), (2, 3)
@@ -154,7 +157,9 @@ def test_fold_is_the_spec_update(tiny):
     keys = M.apply_rope(raw_k, *M.rope_cos_sin(tiny.inv_freq, positions, torch.float32))  # as the cache holds them
     cores = adapter.initial_cores(B)  # (L, B, r, r)
     with torch.no_grad():
-        folded, ratio = fold(adapter, cores, zip(keys, values), positions, valid, tiny.inv_freq)
+        # each layer's (B, m, Hkv, D), the layout of tokens gathered from the cache
+        folded, ratio = fold(adapter, cores, zip(keys.transpose(2, 3), values.transpose(2, 3)), positions, valid,
+                             tiny.inv_freq)
     ratios = []
     for layer in range(cfg.n_layers):
         for row, m in enumerate(counts):
@@ -284,6 +289,30 @@ def test_truncated_pte_reaches_every_parameter(tiny):
             assert g[True].keys() == g[False].keys() and all(torch.allclose(g[True][n], g[False][n]) for n in g[True])
 
 
+def test_score_attends_over_each_rows_own_context(tiny, monkeypatch):
+    """score's replay gives each row its own prompt and window: with prompts of 3 and 300 tokens at budget 320, no
+    segment's keys exceed the budget plus the segment's own (not the longest prompt plus the union of the windows),
+    and it still reproduces generate."""
+    import cache
+    widths, init = [], cache.ReplayCache.__init__
+
+    def spy(self, past_k, past_v, index, key_pos, query_pos, dtype):
+        widths.append((key_pos.shape[1], query_pos.shape[1], index is None))
+        init(self, past_k, past_v, index, key_pos, query_pos, dtype)
+    monkeypatch.setattr(cache.ReplayCache, "__init__", spy)
+    prompts, adapter = [[5, 6, 7], [(11 * i) % 97 for i in range(300)]], make_adapter(tiny.config, "pte")
+    roll = generate(tiny, prompts, CachePolicy("pte", 320), 60, adapter, 1.0, eos_ids=[], pad_id=0, generator=gen())
+    assert roll.evictions[1][:2] == [20, 25] and roll.evictions[0] == []
+    with torch.no_grad():
+        logp = score(tiny, roll, CachePolicy("pte", 320), adapter, 1.0)
+    assert masked_diff(logp, roll.logprobs, roll.mask) <= 2e-5
+    segments = [(keys, n) for keys, n, prefill in widths if not prefill]
+    assert len(segments) > 10 and all(keys - n <= 320 for keys, n in segments), segments
+    # row 1 (W = 20, m = 5) holds its prompt and 15 thought tokens when a segment starts; the union would add row
+    # 0's whole completion to it
+    assert max(keys - n for keys, n in segments) == 300 + 15
+
+
 def test_full_ignores_budget(tiny):
     roll = run(tiny, "full", budget=P)  # full keeps everything: the budget only sets its checkpoint chunk size
     with torch.no_grad():
@@ -292,32 +321,27 @@ def test_full_ignores_budget(tiny):
 
 # ---------------------------------------------------------------------------------------------------- cache
 
-def test_memory_fixed_by_budget(tiny):
-    budget, cfg = P + W, tiny.config
-    slots = {(policy, n): thought_slots(policy, budget, P, n) for policy in ("full", "window", "pte")
-             for n in (100, 10_000)}
-    assert slots["window", 100] == slots["window", 10_000] == slots["pte", 10_000] == W
-    assert (slots["full", 100], slots["full", 10_000]) == (100, 10_000)
-    size = lambda n: RingCache.allocate(cfg, 3, P, [n] * 3, torch.float32, "cpu").k.numel()
-    assert size(slots["pte", 100]) == size(slots["pte", 10_000]) < size(slots["full", 100])
+def test_memory_is_the_budget(tiny, monkeypatch):
+    """Every row holds exactly `budget` slots, its prompt and its own ring, whatever the other rows' prompts are:
+    prompts of 3 and 300 tokens at budget 320 allocate 2 x 320 slots a layer (not the longest prompt + the widest
+    window, 300 + 317), at 40 new tokens as at 400; `full` holds what it must, the longest prompt + max_new."""
+    assert thought_slots("window", P + W, P, 100) == thought_slots("pte", P + W, P, 10_000) == W
+    assert (thought_slots("full", P + W, P, 100), thought_slots("full", P + W, P, 10_000)) == (100, 10_000)
+    allocate, caches = RingCache.allocate, []
+    monkeypatch.setattr(RingCache, "allocate", lambda *a: caches.append(allocate(*a)) or caches[-1])
+    prompts, cfg = [[5, 6, 7], [(11 * i) % 97 for i in range(300)]], tiny.config
     adapter = make_adapter(cfg, "pte")
-    for policy, expected in (("window", P + budget - 3), ("pte", P + budget - 3), ("full", P + 100)):
-        stats = run(tiny, policy, adapter if policy == "pte" else None, max_new=100).stats
-        assert stats["steps"] == 100 and stats["cache_slots"] == expected and stats["cache_slots_used"] <= expected
-
-
-def test_unrotate_inverts_rope(tiny):
-    torch.manual_seed(0)
-    keys = torch.randn(2, 3, 2, 5, 8)  # (L, B, Hkv, m, D)
-    positions = torch.randint(0, 5000, (3, 5))  # (B, m)
-    cos, sin = M.rope_cos_sin(tiny.inv_freq, positions, torch.float32)
-    rotated = M.apply_rope(keys, cos, sin)
-    assert (rotated - keys).abs().max() > 0.1
-    assert (unrotate(rotated, positions, tiny.inv_freq) - keys).abs().max() < 1e-6
+    for policy, max_new, slots in (("window", 40, 320), ("window", 400, 320), ("pte", 40, 320), ("full", 40, 340)):
+        roll = generate(tiny, prompts, CachePolicy(policy, 320), max_new, adapter if policy == "pte" else None,
+                        eos_ids=[], pad_id=0)
+        assert roll.stats["steps"] == max_new and roll.stats["cache_slots"] == slots, policy
+        assert caches[-1].k.shape == caches[-1].v.shape == (cfg.n_layers, 2, cfg.n_kv_heads, slots, cfg.head_dim)
+        assert roll.evictions[1] == ([] if policy == "full" else list(range(20, max_new - 1, 5)))  # W 20, m 5
 
 
 def test_eviction_schedule():
-    assert evict_count(30, 0.1) == 3  # 0.1 * 30 = 3.0000000000000004 in floats: a bare ceil gives 4
+    assert evict_count(25, 0.28) == 7  # 0.28 * 25 = 7.000000000000001 in floats: a bare ceil gives 8
+    assert evict_count(30, 0.1) == 3
     assert [evict_count(8, 0.25), evict_count(10, 0.25), evict_count(3, 0.1), evict_count(5, 1.0)] == [2, 3, 1, 5]
     assert eviction_steps(23, 8, 2, "window") == [8, 10, 12, 14, 16, 18, 20, 22] == simulate_ring(23, 8, 2)[1]
     assert eviction_steps(23, 8, 2, "full") == []
@@ -330,6 +354,116 @@ def test_budget_too_small(tiny):
                        match="cache budget 10 leaves 2 thought slots after a 8-token prompt; need at least 4"):
         run(tiny, "window", budget=10)
     assert thought_slots("window", 12, 8, 100) == 4
+
+
+# ---------------------------------------------------------------------------------------------------- rows and the host
+
+@pytest.mark.parametrize("policy", ["full", "window", "pte"])
+def test_a_row_decodes_alone_as_in_any_batch(tiny, policy):
+    """Greedy tokens of each row are the same alone and inside the mixed batch (prompts of 8, 5 and 3 tokens, each
+    row on its own schedule), and with the prefill split into forwards of 1 or 2 rows: what lets a caller split
+    a step's rows over several calls."""
+    adapter = make_adapter(tiny.config, "pte" if policy == "pte" else "lora")
+    kw = dict(temperature=0.0, max_new=30)
+    batch = run(tiny, policy, adapter, **kw)
+    assert (policy == "full") == (batch.evictions == [[]] * 3)
+    for row, prompt in enumerate(PROMPTS):
+        alone = generate(tiny, [prompt], CachePolicy(policy, P + W), 30, adapter, eos_ids=[], pad_id=0)
+        assert torch.equal(alone.tokens[0], batch.tokens[row]) and alone.evictions[0] == batch.evictions[row]
+        torch.testing.assert_close(alone.logprobs[0], batch.logprobs[row], rtol=0, atol=1e-5)
+    for chunk in (1, 2):
+        chunked = run(tiny, policy, adapter, prefill_rows=chunk, **kw)
+        assert torch.equal(chunked.tokens, batch.tokens) and torch.equal(chunked.mask, batch.mask)
+        torch.testing.assert_close(chunked.logprobs, batch.logprobs, rtol=0, atol=1e-5)
+
+
+def test_stopped_rows_stay_pad_until_the_batch_stops(tiny):
+    """Whether every row has stopped is read every DONE_EVERY steps: a row that stopped decodes pads, masked, until
+    the next read, and the completion is trimmed to the last step any row ran. Each row stops here on an EOS among
+    its first 5 tokens (the fifth tokens of a run without EOS, the same draws), well before a read."""
+    free = run(tiny, "window")
+    eos = sorted({int(row[4]) for row in free.tokens})
+    roll = run(tiny, "window", eos_ids=eos)
+    lengths = roll.mask.sum(1)
+    assert not roll.truncated.any() and roll.tokens.shape[1] == lengths.max() <= 5 < rollout.DONE_EVERY
+    for row, n in enumerate(lengths.tolist()):
+        assert torch.equal(roll.tokens[row, :n], free.tokens[row, :n]) and int(roll.tokens[row, n - 1]) in eos
+        assert roll.mask[row, :n].all() and not roll.mask[row, n:].any() and (roll.tokens[row, n:] == 0).all()
+
+
+class OpLog(TorchDispatchMode):
+    """Every aten op run within, by name and with the shapes of its tensor inputs and output: a stand-in on the
+    CPU for the kernels a GPU would launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        shapes = [tuple(x.shape) for x in (*args, *(kwargs or {}).values(), out) if isinstance(x, torch.Tensor)]
+        self.ops.append((func.__name__.split(".")[0], shapes))
+        return out
+
+    def names(self):
+        return [name for name, _ in self.ops]
+
+
+SYNCS = {"_local_scalar_dense", "nonzero", "item"}  # a value read on the host: .item(), bool(), a boolean mask
+# Pinned on torch 2.13 (CPU) for the tiny 2-layer model. A torch release may move them; our code should not: a
+# change here means more work per event or per step (or per layer), or work that depends on the rows.
+EVENT_OPS = {"window": 25, "pte": 184}
+STEP_OPS = {"window": 245, "pte": 383}
+
+
+@pytest.mark.parametrize("policy", ["window", "pte"])
+def test_eviction_event_and_decode_step_op_counts(tiny, policy):
+    """One eviction event costs the same operations whether 1 row or all 3 evict (per-row schedules: prompts of
+    8, 5 and 3 tokens, budget 16, only row 0 evicts before thought 8; prompts all of 8: all three do), reads
+    nothing on the host, and is pinned; so is one decode step (sample, record, stop, next logits)."""
+    cfg, adapter = tiny.config, make_adapter(tiny.config, "pte") if policy == "pte" else None
+    encoder = adapter if policy == "pte" else None
+
+    def event(lens):
+        sched = Schedule.of(policy, P + W, 0.25, lens, 30)
+        cache = RingCache.allocate(cfg, lens, sched.windows, sched.counts, torch.float32, "cpu")
+        cache.k.normal_(generator=gen()), cache.v.normal_(generator=gen(1))
+        cores = adapter.initial_cores(3) if adapter is not None else None
+        with OpLog() as log, torch.no_grad():
+            out = rollout.evict_and_fold(tiny, encoder, cache, cores, 8, sched.events(30)[8], [])
+        return log.names(), sched.events(30)[8], out
+    (one, shape_one, _), (three, shape_three, folded) = event([8, 5, 3]), event([8, 8, 8])
+    assert (shape_one, shape_three) == ((1, 2), (3, 2)) and one == three and not SYNCS & set(one)
+    assert len(one) == EVENT_OPS[policy], f"torch {torch.__version__}: {len(one)} ops: {one}"
+    if policy == "pte":
+        assert (folded - adapter.initial_cores(3)).abs().amax((0, 2, 3)).gt(0).all()  # all three rows folded
+
+    sched = Schedule.of(policy, P + W, 0.25, [8, 5, 3], 30)
+    cache = RingCache.allocate(cfg, [8, 5, 3], sched.windows, sched.counts, torch.float32, "cpu")
+    out, eos = rollout.Transcript.empty(3, 30, 0, "cpu"), torch.tensor([5])
+    with torch.no_grad(), OpLog() as log:
+        cores = adapter.initial_cores(3) if adapter is not None else None
+        logits = rollout.prefill(tiny, adapter, cores, cache, PROMPTS, 0, 1.0)
+        first = len(log.ops)
+        token = rollout.record(out, 0, *sample(logits, 1.0, gen()))
+        rollout.stop(out, 0, token, eos, 30)
+        rollout.next_logits(tiny, adapter, cache, cores, 0, token, 1.0)
+    step = log.names()[first:]
+    assert not SYNCS & set(step) and len(step) == STEP_OPS[policy], f"torch {torch.__version__}: {len(step)}: {step}"
+
+
+def test_sample_passes_over_the_vocabulary():
+    """At top-p 1, sampling reads the (B, V) logits in three passes (softmax, the division by the noise, the argmax)
+    beside the fill of the noise, and gathers one entry a row; greedy in two (log-softmax, argmax) and a gather.
+    Allocations and views, which read nothing, aside."""
+    logits = torch.randn(4, 97, generator=gen())
+
+    def touching(**kw):
+        with OpLog() as log:
+            sample(logits, generator=gen(), **kw)
+        return [name for name, shapes in log.ops if (4, 97) in shapes and name not in ("slice", "select", "empty_like")]
+    assert touching() == ["_softmax", "exponential_", "div", "argmax", "gather"]
+    assert touching(greedy=True) == ["_log_softmax", "argmax", "gather"]
 
 
 # ---------------------------------------------------------------------------------------------------- real SmolLM2
@@ -378,13 +512,27 @@ def test_adapter_delta_is_B_S_A_x_by_hand(tiny):
 
 def test_top_p_keeps_the_token_that_crosses_the_threshold():
     """p = (0.5, 0.3, 0.2), top-p 0.6: 0.5 alone falls short, so the nucleus is {0, 1}, drawn 5:3; the recorded
-    log-prob is under the full softmax (log 0.3 for token 1), not the truncated one."""
+    log-prob is under the full softmax (log 0.3 for token 1), not the truncated one. At top-p 1: drawn 5:3:2."""
     logits = torch.tensor([0.5, 0.3, 0.2]).log().expand(4000, 3)
-    token, logp = sample(logits, 1.0, 0.6, gen())
+    token, logp = sample(logits, 0.6, gen())
     counts = torch.bincount(token, minlength=3)
     assert counts[2] == 0 and counts[1] > 0
     assert counts[0] / 4000 == pytest.approx(0.625, abs=0.03)
     torch.testing.assert_close(logp[token == 1], torch.full_like(logp[token == 1], 0.3).log())
+    token, logp = sample(logits, 1.0, gen())
+    assert (torch.bincount(token, minlength=3) / 4000).tolist() == pytest.approx([0.5, 0.3, 0.2], abs=0.03)
+    torch.testing.assert_close(logp, torch.tensor([0.5, 0.3, 0.2]).log()[token])
+    assert torch.equal(token, sample(logits, 1.0, gen())[0])  # the generator makes it reproducible
+
+
+def test_sample_is_multinomials_draw_and_never_draws_a_token_without_mass():
+    """The same tokens as torch.multinomial from the same generator (its one-sample draw, which seeded runs made
+    before); a token whose probability underflows to 0 is never drawn."""
+    probs = torch.softmax(torch.randn(64, 97, generator=gen(2)), -1)
+    assert torch.equal(sample(probs.log(), 1.0, gen())[0], torch.multinomial(probs, 1, generator=gen())[:, 0])
+    token, logp = sample(torch.tensor([[-1e4, 0.0, 0.0], [-1e4, -1e4, 0.0]]).repeat(2000, 1), 1.0, gen())
+    assert (token[0::2] != 0).all() and 0.45 < (token[0::2] == 1).float().mean() < 0.55 and (token[1::2] == 2).all()
+    assert torch.isfinite(logp).all()
 
 
 def test_truncate_feeds_the_encoder_from_every_target(tiny):

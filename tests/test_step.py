@@ -100,3 +100,78 @@ def test_no_checkpoint_takes_the_same_step(toy_step, monkeypatch):
     assert torch.cat([d.flatten() for d in checkpointed.values()]).abs().max() > 1e-4  # a real step
     for name, delta in checkpointed.items():
         torch.testing.assert_close(plain[name], delta, rtol=1e-6, atol=1e-9)
+
+
+def test_rollouts_in_chunks_are_one_rollout(toy_step):
+    """train.roll_out at --rollout-batch 3: 8 rows of prompts of 19, 21 and 23 tokens, sorted by length, generated 3
+    at a time and merged back in their order, are the rows one generate call makes (greedy): same tokens, masks,
+    evictions and windows, prompts left-padded alike; the log-probs agree to float rounding."""
+    model, adapter, _, _ = toy_step
+    tok = make_tokenizer()
+    problems = make_problems(8, seed=5)
+    prompts = [tok.encode(p["problem"].replace("<sep>", "0 " * (i % 3) + "<sep>"), add_special_tokens=False).ids
+               for i, p in enumerate(problems)]
+    assert sorted({len(p) for p in prompts}) == [19, 20, 21]
+
+    def roll_out(rows):
+        args = train.parse_args(["--model", "toy", "--rollout-batch", str(rows), "--temperature", "0",
+                                 "--objective", "distill"])
+        return train.roll_out(model, prompts, CachePolicy("pte", 27), args, adapter, None, 0)
+    one, chunked = roll_out(100), roll_out(3)
+    assert (one.stats["chunks"], chunked.stats["chunks"]) == (1, 3)
+    for field in ("prompts", "prompt_lens", "tokens", "mask", "truncated"):
+        assert torch.equal(getattr(one, field), getattr(chunked, field)), field
+    assert one.evictions == chunked.evictions and any(one.evictions)
+    assert one.stats["windows"] == chunked.stats["windows"] == [27 - len(p) for p in prompts]
+    assert one.stats["evictions"] == pytest.approx(chunked.stats["evictions"])
+    torch.testing.assert_close(one.logprobs[one.mask], chunked.logprobs[one.mask])
+
+
+def test_distillation_teacher_keeps_hidden_states_not_logits(tiny):
+    """The distillation objective's forward and backward on an 80-token rollout of a 97-token vocabulary: no
+    tensor of shape (b, n, V) with n above rollout.LOGIT_CHUNK is ever made (the teacher's log-probs were once kept
+    whole, (b, T, V) in fp32), while the teacher's hidden states (b, T, d) are."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from rollout import LOGIT_CHUNK
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen |= {tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
+            return out
+    adapter = make_adapter(tiny.config, "pte")
+    ro = run(tiny, "pte", adapter, max_new=80)
+    (B, T), V, d = ro.tokens.shape, tiny.config.vocab_size, tiny.config.dim
+    args = train.parse_args(["--model", "toy", "--objective", "distill", "--cache", str(P + W)])
+    objective = train.Objective(tiny, adapter, args, CachePolicy("pte", P + W), None)
+    with Shapes() as shapes:
+        loss, _, _ = objective(ro, None, None, B, int(ro.mask.sum()))
+        loss.backward()
+    logits = [s for s in shapes.seen if len(s) == 3 and s[0] == B and s[2] == V]
+    assert T > LOGIT_CHUNK and logits and max(n for _, n, _ in logits) <= LOGIT_CHUNK, logits
+    assert (B, T, d) in shapes.seen
+
+
+def test_kl_estimator_reaches_the_loss(toy_step, monkeypatch):
+    """--kl-estimator k3-ratio: the loss gets it, the logged KL keeps its value (ratio 1), the step differs from k3's
+    (their gradients are those of KL(pi || ref) and KL(ref || pi): tests/test_grpo.py); the default stays k3."""
+    seen, real_loss = [], train.grpo_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["kl_estimator"])
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(train, "grpo_loss", spy)
+    sgd = lambda p: torch.optim.SGD(p, lr=1.0)  # noqa: E731
+    k3_stats, k3_moved, _ = step(toy_step, sgd, "--beta", "0.5")
+    assert set(seen) == {"k3"}
+    seen.clear()
+    ratio_stats, ratio_moved, _ = step(toy_step, sgd, "--beta", "0.5", "--kl-estimator", "k3-ratio")
+    assert set(seen) == {"k3-ratio"}
+    assert k3_stats["kl"] > 1e-4 and ratio_stats["kl"] == pytest.approx(k3_stats["kl"], rel=1e-5)
+    assert max((ratio_moved[k] - k3_moved[k]).abs().max().item() for k in k3_moved) > 1e-3
+    assert train.parse_args(["--model", "toy"]).kl_estimator == "k3"

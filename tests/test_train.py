@@ -92,17 +92,26 @@ def test_resume_refuses_a_checkpoint_of_another_adapter_shape(tmp_path):
     (run / "settings.json").write_text(json.dumps(dict(settings, rank=8)))  # settings.json and checkpoint disagree
     with pytest.raises(ValueError, match="rank: checkpoint 16, now 8"):
         train.main(["--resume", str(run), "--steps", "2"])
-    (run / "latest").unlink()
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train.main(["--resume", str(run), "--steps", "2"])
 
 
-def test_out_never_overwrites_a_run(tmp_path, capsys):
+def test_out_is_new_or_empty(tmp_path, monkeypatch):
+    """--out holding a run, or anything else (an exported adapter/), or naming a file, is refused before any work
+    and left as it was; an empty folder is fine."""
     run = train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "run")])
     metrics = (run / "metrics.jsonl").read_bytes()
-    message = refused(capsys, FAST + ["--out", str(run)])
-    assert f"holds a run already: continue it with --resume {run}, or name another --out" in message
+    with pytest.raises(ValueError, match=re.escape(f"holds a run already: continue it with --resume {run}, or name "
+                                                   "another --out")):
+        train.main(FAST + ["--out", str(run)])
     assert (run / "metrics.jsonl").read_bytes() == metrics and (run / "latest").read_text() == "step-000001"
+    monkeypatch.setattr(train, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    shutil.copytree(run / "adapter", tmp_path / "export" / "adapter")
+    with pytest.raises(ValueError, match="export is not empty .adapter. and holds no run of train.py: name a new"):
+        train.main(FAST + ["--out", str(tmp_path / "export")])
+    assert data.contents(tmp_path / "export") == ["adapter"] and not (tmp_path / "export" / ".lock").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="file: not a folder"):
+        train.main(FAST + ["--out", str(tmp_path / "file")])
+    monkeypatch.undo()
     (tmp_path / "empty").mkdir()
     assert train.main(FAST + ["--steps", "1", "--out", str(tmp_path / "empty")]) == tmp_path / "empty"  # empty: fine
 
@@ -182,6 +191,9 @@ def test_sigterm_stops_a_process_cleanly(tmp_path):
     while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()) and time.time() < deadline:
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # a late second signal, on the way out, is no traceback either
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 143 and "Traceback" not in err, err[-2000:]
     done = len((run / "metrics.jsonl").read_text().splitlines())
@@ -202,7 +214,7 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_used(tmp_path, capsys)
     assert logged_steps(run) == [1, 2, 3]
     (run / "latest").write_text("step-000009")  # names a step that is not there
     train.main(["--resume", str(run), "--steps", "4"])
-    assert f"{run / 'step-000009'} is missing" in capsys.readouterr().err
+    assert f"{run / 'latest'} names 'step-000009'. Resuming from step-000003" in capsys.readouterr().err
     for step in (3, 4):  # keep=2: both checkpoints damaged
         adapter = run / f"step-{step:06d}" / "adapter.safetensors"
         adapter.write_bytes(adapter.read_bytes()[:50])
@@ -219,6 +231,18 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_used(tmp_path, capsys)
     ("--threads", "-1", "must be >= 1"), ("--device", "tpu", "unknown device 'tpu'"), ("--lr", "nan", "must be > 0"),
     ("--evict", "1.5", "must be > 0 and <= 1"), ("--targets", "q,x", "comma-separated names from q,k,v,o,gate,up,down"),
     ("--model", "no-such-model", "unknown model 'no-such-model'"),
+    # no infinity either: it would train NaN weights and save them
+    ("--lr", "inf", "must be > 0, got inf"), ("--encoder-lr", "inf", "must be > 0, got inf"),
+    ("--alpha", "inf", "must be > 0, got inf"), ("--b-init", "inf", "must be >= 0, got inf"),
+    ("--beta", "inf", "must be >= 0, got inf"), ("--beta", "nan", "must be >= 0, got nan"),
+    # sane upper bounds: 1e9 is refused at once, not after minutes of allocation
+    ("--cache", "1000000000", "--cache 1000000000: more than the model's 64 positions"),
+    ("--max-new", "1000000000", "--max-new 1000000000: more than the model's 64 positions"),
+    ("--globals", "1000000000", "--globals 1000000000: more than the model's 64 positions"),
+    ("--rank", "1000000000", "--rank 1000000000: more than the model's width 64"),
+    ("--group", "1000000000", "must be >= 1 and <= 1024"), ("--prompts-per-step", "1e9", "invalid int value: '1e9'"),
+    ("--threads", str(os.cpu_count() + 1), f"must be >= 1 and <= {os.cpu_count()}"),
+    ("--seed", "-1", "must be >= 0"), ("--seed", str(2**32), "must be >= 0 and <= 4294967295"),
 ])
 def test_flags_are_checked_before_any_model_loads(flag, value, message, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(train, "load", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -268,7 +292,7 @@ def test_train_does_not_know_the_toy():
     assert "toy" not in re.findall(r"^(?:from|import) (\w+)", (ROOT / "train.py").read_text(), re.M)
 
 
-def test_a_model_folder_brings_its_training_defaults(tmp_path):
+def test_a_model_folder_brings_its_training_defaults(tmp_path, capsys):
     defaults = json.loads((ROOT / "toy" / "train_defaults.json").read_text())
     args = train.parse_args(["--model", "toy"])
     assert {k: getattr(args, k) for k in defaults} == defaults
@@ -276,7 +300,10 @@ def test_a_model_folder_brings_its_training_defaults(tmp_path):
     folder = Path(shutil.copytree(ROOT / "toy", tmp_path / "mine"))
     (folder / "train_defaults.json").write_text(json.dumps(dict(defaults, rank=4)))
     assert train.parse_args(["--model", str(folder)]).rank == 4
-    (folder / "train_defaults.json").unlink()  # no file: the paper's defaults
+    (folder / "train_defaults.json").unlink()  # the paper's defaults: a cache beyond the toy's positions
+    assert "--cache 1024: more than the model's 64 positions" in refused(capsys, ["--model", str(folder)])
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=4096)))
     paper = train.parse_args(["--model", str(folder)])
     assert {k: getattr(paper, k) for k in train.PAPER_DEFAULTS} == train.PAPER_DEFAULTS
     train_set, held_out = train.load_problems(train.parse_args(["--model", "toy", "--seed", "3"]))
@@ -357,3 +384,42 @@ def test_peak_memory_is_per_step(monkeypatch):
     after = train.peak_memory_gb(cpu)
     assert during - before > 0.2
     assert after < during - 0.2
+
+
+def test_rollouts_in_chunks_train_alike(tmp_path):
+    """--rollout-batch 3 against one generate call a step: 4 problems of prompts of 19 and 21 tokens, 4 greedy rollouts
+    each, in 6 chunks sorted by prompt length: the same metrics (the chunk count and timings aside, and the fold ratio,
+    a mean over eviction events that chunks group otherwise) and the same update."""
+    problems = [dict(p, problem=p["problem"].replace("<sep>", "0 0 <sep>") if i % 2 else p["problem"])
+                for i, p in enumerate(data.make_problems(4, 1))]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    common = FAST + ["--data", str(path), "--temperature", "0", "--save-every", "1"]
+    one = train.main(common + ["--out", str(tmp_path / "one")])
+    chunked = train.main(common + ["--rollout-batch", "3", "--out", str(tmp_path / "chunked")])
+    skip = ("tokens_per_s", "peak_memory_gb", "step_seconds", "wall_seconds", "rollout_chunks", "s_update_ratio")
+    records = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+               for run in (one, chunked)}
+    assert [[r["rollout_chunks"] for r in records[run]] for run in (one, chunked)] == [[1, 1], [6, 6]]
+    for a, b in zip(records[one], records[chunked]):
+        assert ({k: pytest.approx(v, rel=1e-5) if isinstance(v, float) else v for k, v in a.items() if k not in skip}
+                == {k: v for k, v in b.items() if k not in skip})
+    assert records[one][0]["evictions"] > 0 and records[one][0]["window_min"] == 27 - 21
+    a, b = weights(one), weights(chunked)
+    assert any(a[k].abs().sum() > 0 for k in a if k.startswith("B."))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_reward_curve(tmp_path):
+    """train.reward_curve's SVG: the per-step line at the top (reward 1) and the bottom (0) of the plot, the 10-step
+    mean of 0, 1, 0, 1 halfway at step 4, the steps spread over the width."""
+    import xml.etree.ElementTree as ET
+    records = [dict(step=i + 1, reward=r) for i, r in enumerate([0, 1, 0, 1])] + [dict(step=4, held_out_accuracy=0.5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    root = ET.fromstring(train.reward_curve(tmp_path).read_text())
+    lines = {e.get("data-label"): [tuple(map(float, p.split(","))) for p in e.get("points").split()]
+             for e in root.iter("{http://www.w3.org/2000/svg}polyline")}
+    top, bottom = 30, 300 - 40
+    assert lines["per step"] == [(50, bottom), (226.7, top), (403.3, bottom), (580, top)]  # 530 px wide, a third a step
+    assert lines["10-step mean"][3][1] == (top + bottom) / 2 and lines["10-step mean"][0][1] == bottom
