@@ -78,9 +78,11 @@ def test_teacher_is_the_full_cache_and_the_window_departs_after_its_first_evicti
 
 def test_summaries_by_hand():
     assert R.mean_se([1.0, 0.0, 0.0, 1.0]) == pytest.approx((0.5, (1 / 3 / 4) ** 0.5))
-    record = dict(accuracy=[1.0, 0.5], digit_kl=[0.0, 2.0], other_kl=[3.0, 1.0], other_n=[3, 1])
+    record = dict(accuracy=[1.0, 0.5], digit_kl=[0.0, 2.0], first=[1.0, 0.0], first_kl=[0.0, 1.0], other_kl=[3.0, 1.0],
+                  other_n=[3, 1])
     s = R.summary(record)
     assert s["other_kl"] == pytest.approx((1.0, 0.0)) and s["accuracy"] == pytest.approx((0.75, 0.25))
+    assert s["first"] == pytest.approx((0.5, 0.5)) and s["digit_kl"] == pytest.approx((1.0, 1.0))
     d = R.differences(record, dict(record, accuracy=[0.0, 0.0]))
     assert d["accuracy"] == [1.0, 0.5] and d["other_kl"] == [0.0, 0.0]
 
