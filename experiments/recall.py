@@ -245,6 +245,7 @@ class Setting:
     encoder_lr: float | None = None
     v_scale: float = 1.0  # W_V's initial scale times this (10: the scale of W_K, the paper's)
     seed: int = 0
+    steps: int = 0  # AdamW steps (0: --steps)
 
     @property
     def trained(self):
@@ -254,7 +255,8 @@ class Setting:
         """The name of the trained adapter (rows evaluated on several tasks share one)."""
         tasks = "+".join(f"k{t.k}d{t.distance}W{t.window}e{t.evict}" for t in self.train or (self.task,))
         return (f"{self.row} {self.texts} {tasks} r{self.rank} a{self.alpha:g} {self.targets} b{self.b_init:g} "
-                f"lr{self.lr:g} elr{self.encoder_lr or self.lr:g} v{self.v_scale:g} s{self.seed}")
+                f"lr{self.lr:g} elr{self.encoder_lr or self.lr:g} v{self.v_scale:g} s{self.seed}"
+                + (f" n{self.steps}" if self.steps else ""))
 
     def key(self):
         """The ledger's name of the run (an untrained row depends on its texts and task only)."""
@@ -371,10 +373,11 @@ def trained(net, tokenizer, setting, args, ledger, memo):
         batches = prepared(net, tokenizer, setting.task, "twins", args.twins, args.twins, args, memo) * args.twin_steps
         batches = [(texts, *as_rollout(texts, setting.task, policy, eos), hidden) for texts, hidden in batches]
     else:
-        per_task = -(-args.steps // len(tasks))
+        steps = setting.steps or args.steps
+        per_task = -(-steps // len(tasks))
         drawn = [prepared(net, tokenizer, task, "train", per_task * args.batch, args.batch, args, memo,
                           draw=setting.seed) for task in tasks]
-        batches = [(texts, *as_rollout(texts, tasks[i % len(tasks)], policy, eos), hidden) for i in range(args.steps)
+        batches = [(texts, *as_rollout(texts, tasks[i % len(tasks)], policy, eos), hidden) for i in range(steps)
                    for texts, hidden in [drawn[i % len(tasks)][i // len(tasks)]]]
     adapter, losses, digit_kls = distill(net, setting, batches, args.globals)
     save_adapter(adapter, folder, train_key=setting.train_key())
@@ -409,7 +412,7 @@ def run(net, tokenizer, setting, args, ledger, memo):
 
 
 SIZES, DISTANCES = (1, 2, 4, 8), (1, 2, 4)
-SWEEP = (  # (label, change from the base setting): one change at a time, then the toy's choices together
+SWEEP = (  # (label, change from the base PTE): one change at a time, the toy's choices together, longer training
     ("A = 0, B ~ N(0, 0.01^2) (b_init 0.01)", dict(b_init=0.01)),
     ("alpha / r = 8", dict(alpha=256.0)),
     ("targets o only", dict(targets="o")),
@@ -417,6 +420,8 @@ SWEEP = (  # (label, change from the base setting): one change at a time, then t
     ("encoder lr x10", dict(encoder_lr=1e-2)),
     ("W_V at W_K's scale (x10)", dict(v_scale=10.0)),
     ("b_init 0.01, alpha / r = 8, o only", dict(b_init=0.01, alpha=256.0, targets="o")),
+    ("3x the steps", dict(steps=3)),
+    ("LoRA_c, 3x the steps", dict(row="lora_c", steps=3)),
 )
 
 
@@ -438,9 +443,12 @@ def plan(args):
         out += [("distance", LABELS[row], Setting(row, task, **base)) for row in ("full", "window")]
         out.append(("distance", "PTE", Setting("pte", task, mix, **base)))
     out += [("settings", "base (the main PTE, seed 0)", Setting("pte", main, seed=args.seeds[0], **base))]
-    out += [("settings", label, Setting("pte", main, seed=args.seeds[0], **dict(base, **change)))
-            for label, change in SWEEP]
-    out += [("twins", LABELS[row], Setting(row, main, texts="twins", **base)) for row in ROWS]
+    for label, change in SWEEP:  # steps: a multiple of --steps
+        fields = dict(row="pte", task=main, seed=args.seeds[0], **base)
+        fields.update(change, steps=change.get("steps", 0) * args.steps)
+        out.append(("settings", label, Setting(**fields)))
+    twin = dict(base, alpha=8.0 * args.rank, b_init=0.01, v_scale=10.0)  # the toy's choices: the fastest to fit
+    out += [("twins", LABELS[row], Setting(row, main, texts="twins", **twin)) for row in ROWS]
     return [entry for entry in out if entry[0] in args.tables]
 
 
@@ -638,10 +646,10 @@ def report(results, args, argv, ledger):
               f"{', '.join(map(str, SIZES))} in turn)", lambda r: curve_table(r, "k", f"PTE r{args.rank}")),
         distance=(f"Recall against the distance: evictions before the recall (k = 4; PTE trained on "
                   f"{', '.join(map(str, DISTANCES))} in turn)", lambda r: curve_table(r, "evictions", "PTE")),
-        settings=("Settings tried (PTE, k = 4, 1 eviction, seed 0), one change from the base each",
+        settings=("Settings tried (k = 4, 1 eviction, seed 0), one change from the base PTE each",
                   lambda r: settings_table(r, ledger)),
         twins=(f"Twins: {args.twins} texts identical but for the digits, trained on for {args.twin_steps} steps and "
-               "evaluated on themselves", lambda r: twins_table(r, ledger)))
+               "evaluated on themselves (alpha / r = 8, b_init 0.01, W_V x10)", lambda r: twins_table(r, ledger)))
     for table, (title, make) in sections.items():
         if results.get(table):
             print("\n".join([f"### {title}", "", *make(results[table]), ""]))
