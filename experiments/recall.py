@@ -246,6 +246,7 @@ class Setting:
     v_scale: float = 1.0  # W_V's initial scale times this (10: the scale of W_K, the paper's)
     seed: int = 0
     steps: int = 0  # AdamW steps (0: --steps)
+    digits_only: bool = False  # the loss on the recalled digits alone (a diagnostic, not the distill objective)
 
     @property
     def trained(self):
@@ -256,7 +257,7 @@ class Setting:
         tasks = "+".join(f"k{t.k}d{t.distance}W{t.window}e{t.evict}" for t in self.train or (self.task,))
         return (f"{self.row} {self.texts} {tasks} r{self.rank} a{self.alpha:g} {self.targets} b{self.b_init:g} "
                 f"lr{self.lr:g} elr{self.encoder_lr or self.lr:g} v{self.v_scale:g} s{self.seed}"
-                + (f" n{self.steps}" if self.steps else ""))
+                + (f" n{self.steps}" if self.steps else "") + (" digits-only" if self.digits_only else ""))
 
     def key(self):
         """The ledger's name of the run (an untrained row depends on its texts and task only)."""
@@ -281,13 +282,14 @@ def distill(net, setting, batches, n_globals, grad_clip=1.0):
     losses, digit_kls = [], []
     for texts, ro, cache, hidden in batches:
         per_token = score(net, ro, cache, adapter, use_checkpoint=False, token_fn=kl_to_teacher(net, hidden))
-        loss = per_token[ro.mask].mean()
+        digits = torch.cat([per_token[b, t.facts] for b, t in enumerate(texts)])  # (sum of k,)
+        loss = digits.mean() if setting.digits_only else per_token[ro.mask].mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable(adapter), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        digit_kls.append(torch.cat([per_token[b, t.facts] for b, t in enumerate(texts)]).mean().item())
+        digit_kls.append(digits.mean().item())
     return adapter, losses, digit_kls
 
 
@@ -422,6 +424,8 @@ SWEEP = (  # (label, change from the base PTE): one change at a time, the toy's 
     ("b_init 0.01, alpha / r = 8, o only", dict(b_init=0.01, alpha=256.0, targets="o")),
     ("3x the steps", dict(steps=3)),
     ("LoRA_c, 3x the steps", dict(row="lora_c", steps=3)),
+    ("the loss on the recalled digits alone", dict(digits_only=True)),
+    ("LoRA_c, the loss on the recalled digits alone", dict(row="lora_c", digits_only=True)),
 )
 
 
