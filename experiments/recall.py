@@ -1,6 +1,6 @@
 """Does the thought encoder's state S carry what the window lost? A recall task on SmolLM2-135M-Instruct (CPU).
 
-    python experiments/recall.py            # the whole study; resumable: the same command continues where it stopped
+    python experiments/recall.py            # the whole study (2 workers); resumable: the same command continues
     python experiments/recall.py --quick    # every row end to end with tiny counts, the same tables
 
 The task. The pinned prompt (SmolLM2's chat template around one user message) names k letters and asks for a digit
@@ -28,11 +28,13 @@ the settings tried. Writes to --out: ledger.json (every finished run, rewritten 
 """
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import random
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -352,15 +354,17 @@ def prepared(net, tokenizer, task, split, n, size, args, memo, draw=0):
 
 
 def record(args, ledger, section, key, value):
-    """ledger[section][key] = value, merged into the file's ledger (two commands may share one) and written
-    atomically."""
+    """ledger[section][key] = value, merged into the file's ledger (workers and commands may share one) under a lock,
+    and written atomically."""
     path = args.out / "ledger.json"
-    if path.exists():
-        on_disk = json.loads(path.read_text())
-        for name in ("adapters", "runs"):
-            ledger[name].update(on_disk[name])
-    ledger[section][key] = value
-    data.atomic_write(path, lambda p: p.write_text(json.dumps(ledger)))
+    with open(args.out / "ledger.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # read, merge and write as one: no writer loses another's record
+        if path.exists():
+            on_disk = json.loads(path.read_text())
+            for name in ("adapters", "runs"):
+                ledger[name].update(on_disk[name])
+        ledger[section][key] = value
+        data.atomic_write(path, lambda p: p.write_text(json.dumps(ledger)))
 
 
 def trained(net, tokenizer, setting, args, ledger, memo):
@@ -454,6 +458,26 @@ def plan(args):
     twin = dict(base, alpha=8.0 * args.rank, b_init=0.01, v_scale=10.0)  # the toy's choices: the fastest to fit
     out += [("twins", LABELS[row], Setting(row, main, texts="twins", **twin)) for row in ROWS]
     return [entry for entry in out if entry[0] in args.tables]
+
+
+def share(entries, args):
+    """{run key: worker}: the runs of one adapter go to one worker (it trains it once), and the adapters are dealt out
+    greedily by their cost in texts (those trained on, and 0.4 a held-out text: an evaluation costs about that)."""
+    groups = {}
+    for _, _, s in entries:
+        groups.setdefault(s.train_key() if s.trained else s.key(), []).append(s)
+
+    def cost(settings):
+        s = settings[0]
+        texts = 0 if not s.trained else (args.twin_steps * args.twins if s.texts == "twins" else
+                                         (s.steps or args.steps) * args.batch)
+        return texts + 0.4 * args.eval_size * len(settings)
+    load, worker = [0.0] * args.jobs, {}
+    for settings in sorted(groups.values(), key=cost, reverse=True):
+        i = load.index(min(load))
+        load[i] += cost(settings)
+        worker.update((s.key(), i) for s in settings)
+    return worker
 
 
 # ---------------------------------------------------------------------------------------------------- the report
@@ -600,6 +624,9 @@ def parser():
     a("--lr", type=float, default=1e-3, help="AdamW learning rate")
     a("--encoder-lr", type=float, help="the thought encoder's learning rate (default --lr)")
     a("--globals", type=int, default=32, help="global tokens of the encoder")
+    a("--jobs", type=int, default=2, help="worker processes that share the runs and the ledger, one torch thread "
+      "each (1: this process alone, with --threads)")
+    a("--worker", type=int, help="run worker I's share of the runs and stop (the command starts its workers so)")
     a("--threads", type=int, help="torch.set_num_threads")
     return p
 
@@ -613,6 +640,8 @@ def parse(argv):
     args.tables = args.tables.split(",")
     if bad := [t for t in args.tables if t not in TABLES]:
         raise SystemExit(f"recall.py: unknown table(s) {bad}: choose from {', '.join(TABLES)}")
+    if args.jobs < 1 or args.worker is not None and not 0 <= args.worker < args.jobs:
+        raise SystemExit(f"recall.py: --jobs must be >= 1 and --worker in 0..{args.jobs - 1}")
     if min(args.steps, args.batch, args.twin_steps) < 1 or args.eval_size < 2 or not 2 <= args.twins <= 10:
         raise SystemExit("recall.py: --steps, --batch and --twin-steps must be >= 1, --eval-size >= 2 (a standard "
                          "error needs two), --twins between 2 and 10")
@@ -662,9 +691,8 @@ def report(results, args, argv, ledger):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    net, tokenizer = load(args.model)
+    if args.threads or args.worker is not None:
+        torch.set_num_threads(args.threads or 1)
     args.out.mkdir(parents=True, exist_ok=True)
     counts = {k: getattr(args, k) for k in ("steps", "batch", "eval_size", "twins", "twin_steps", "data_seed",
                                             "globals")}
@@ -672,15 +700,28 @@ def main(argv=None):
     ledger = json.loads(path.read_text()) if path.exists() else dict(counts=counts, adapters={}, runs={})
     if ledger["counts"] != counts:
         raise SystemExit(f"recall.py: {path} was made with {ledger['counts']}, not {counts}: use another --out")
-    t0, memo, results = time.perf_counter(), {}, {}
-    for table, label, setting in plan(args):
+    t0, memo, results, entries = time.perf_counter(), {}, {}, plan(args)
+    net, tokenizer = load(args.model)  # here first, so that a missing model stops the command before its workers
+    if args.jobs > 1 and args.worker is None:  # the workers run the study; this process then reads it back
+        workers = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--worker", str(i)])
+                   for i in range(args.jobs)]
+        if failed := [i for i, w in enumerate(workers) if w.wait()]:
+            raise SystemExit(f"recall.py: worker(s) {failed} stopped; the same command resumes the study")
+    if args.worker is not None:
+        mine = share(entries, args)
+        for _, _, setting in entries:
+            if mine[setting.key()] == args.worker:
+                run(net, tokenizer, setting, args, ledger, memo)
+        return
+    for table, label, setting in entries:
         results.setdefault(table, []).append(((label, setting), run(net, tokenizer, setting, args, ledger, memo)))
     report(results, args, argv, ledger)
     draw_plots(results, args.plots, args)
     spent = sum(a["seconds"] for a in ledger["adapters"].values()) + sum(r["seconds"] for r in ledger["runs"].values())
     print(f"time: {spent:.0f} s of training and evaluation in the ledger ({len(ledger['adapters'])} adapters, "
           f"{len(ledger['runs'])} evaluations), {time.perf_counter() - t0:.0f} s in this command; "
-          f"{torch.get_num_threads()} thread(s); plots in {args.plots}")
+          + (f"{args.jobs} workers of one thread" if args.jobs > 1 else f"{torch.get_num_threads()} thread(s)")
+          + f"; plots in {args.plots}")
 
 
 if __name__ == "__main__":

@@ -89,10 +89,11 @@ def test_summaries_by_hand():
 
 @pytest.mark.slow
 def test_quick_mode_runs_every_row_end_to_end_and_resumes(smollm2, tmp_path, capsys, monkeypatch):
-    """--quick: every table printed with every row, the ledger holds every run, the plots are written; the same
-    command again trains and evaluates nothing and prints the same tables."""
+    """--quick, by its two worker processes: every table printed with every row, the ledger holds every run, the
+    plots are written; the same command again, in this process alone, trains and evaluates nothing and prints the
+    same tables."""
     monkeypatch.setenv("PTE_SMOLLM2", str(smollm2))
-    argv = ["--quick", "--out", str(tmp_path), "--threads", "1"]
+    argv = ["--quick", "--out", str(tmp_path)]
     R.main(argv)
     first = capsys.readouterr().out
     args = R.parse(argv)
@@ -113,9 +114,21 @@ def test_quick_mode_runs_every_row_end_to_end_and_resumes(smollm2, tmp_path, cap
         assert (tmp_path / f"recall-{name}.svg").read_text().startswith("<svg")
     monkeypatch.setattr(R, "distill", lambda *a, **k: pytest.fail("a finished run was trained again"))
     monkeypatch.setattr(R, "evaluate", lambda *a, **k: pytest.fail("a finished run was evaluated again"))
-    R.main(argv)
-    tables = lambda out: out[out.index("\n$ "):out.index("\ntime:")]  # noqa: E731  (the progress lines precede)
+    R.main(argv + ["--jobs", "1", "--threads", "1"])
+    tables = lambda out: out[out.index("\n### "):out.index("\ntime:")]  # noqa: E731
     assert tables(capsys.readouterr().out) == tables(first)
+
+
+def test_the_workers_share_the_runs_and_each_adapter_is_trained_by_one():
+    args = R.parse(["--jobs", "3"])
+    entries = R.plan(args)
+    worker = R.share(entries, args)
+    assert set(worker) == {s.key() for *_, s in entries} and set(worker.values()) == {0, 1, 2}
+    by_adapter = {}
+    for *_, s in entries:
+        if s.trained:
+            by_adapter.setdefault(s.train_key(), set()).add(worker[s.key()])
+    assert len(by_adapter) > 3 and all(len(w) == 1 for w in by_adapter.values())  # the size table's PTE serves 4 runs
 
 
 @pytest.mark.slow
