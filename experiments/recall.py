@@ -23,8 +23,10 @@ hidden states are kept and its log-softmax recomputed a chunk at a time inside t
 Measured on held-out texts: recall accuracy (greedy argmax at each recalled digit, the prefix teacher-forced),
 KL(full || row) on those digits, and KL on every other token after the first eviction (the adapter must not buy
 recall by breaking the rest); standard errors over texts, and the paired difference PTE minus LoRA_c.
-Tables: the main comparison (two seeds), recall against the fact's size k at two ranks, against the distance, and
-the settings tried. Writes to --out: ledger.json (every finished run, rewritten atomically after each) and the plots.
+Tables: the main comparison (two seeds), recall against the fact's size k at two ranks, against the distance, the
+settings tried, and the twins (two texts that differ only in the evicted digits: only S can tell them apart). Writes
+to --out: ledger.json (every finished run, merged and rewritten atomically under a lock after each, so that the
+--jobs worker processes and other commands may share it) and the plots. Results: docs/recall.md.
 """
 import argparse
 import dataclasses
