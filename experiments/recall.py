@@ -457,7 +457,7 @@ def plan(args):
         fields = dict(row="pte", task=main, seed=args.seeds[0], **base)
         fields.update(change, steps=change.get("steps", 0) * args.steps)
         out.append(("settings", label, Setting(**fields)))
-    twin = dict(base, alpha=8.0 * args.rank, b_init=0.01, v_scale=10.0)  # the toy's choices: the fastest to fit
+    twin = dict(base, alpha=8.0 * args.rank, b_init=0.01, v_scale=10.0)  # the settings that fit the twins fastest
     out += [("twins", LABELS[row], Setting(row, main, texts="twins", **twin)) for row in ROWS]
     return [entry for entry in out if entry[0] in args.tables]
 
