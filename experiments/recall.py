@@ -727,4 +727,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C reaches the workers too; the ledger holds every finished run
+        raise SystemExit("recall.py: stopped; the same command resumes the study") from None
