@@ -730,4 +730,5 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C reaches the workers too; the ledger holds every finished run
-        raise SystemExit("recall.py: stopped; the same command resumes the study") from None
+        print("recall.py: stopped; the same command resumes the study", file=sys.stderr)
+        raise SystemExit(130) from None
