@@ -35,16 +35,15 @@ from encoder import Adapter, AdapterConfig, load_adapter, save_adapter, trainabl
 from eval import evaluate, kl_start, token_kl  # noqa: E402
 from rollout import CachePolicy, Rollout, Sampling, generate  # noqa: E402
 
-BUILT = Path.home() / ".cache" / "smollm2-135m-instruct"  # where a local build of it may live
-MODEL = os.environ.get("PTE_SMOLLM2") or (str(BUILT) if (BUILT / "config.json").exists() else "smollm2-135m")
+MODEL = os.environ.get("PTE_SMOLLM2") or "smollm2-135m"  # a folder of it, else the registry name (the HF cache)
 BAND = (88, 91)  # templated prompt lengths kept: one budget gives every row nearly the same window
 ROWS = (("bare window", "window", None), ("LoRA_c", "window", "lora_c"), ("PTE", "pte", "pte"))
 
 
 def parser():
     p = argparse.ArgumentParser(prog="experiments/fidelity.py", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=MODEL, help="SmolLM2-135M-Instruct: $PTE_SMOLLM2, else "
-                   "~/.cache/smollm2-135m-instruct, else the registry name (Hugging Face cache)")
+    p.add_argument("--model", default=MODEL, help="SmolLM2-135M-Instruct: $PTE_SMOLLM2, else the "
+                   "registry name (Hugging Face cache)")
     p.add_argument("--data-dir", help="where gsm8k.jsonl lives (default: $PTE_DATA, else data/)")
     p.add_argument("--slots", type=int, default=64, help="thought slots of the shortest prompt: budget 91 + slots")
     p.add_argument("--max-new", type=int, default=256, help="completion token limit (training and evaluation)")

@@ -55,7 +55,6 @@ from cache import evict_count  # noqa: E402
 from encoder import Adapter, AdapterConfig, load_adapter, param_groups, save_adapter, trainable  # noqa: E402
 from rollout import CachePolicy, Rollout, score  # noqa: E402
 
-BUILT = Path.home() / ".cache" / "smollm2-135m-instruct"  # where the project's SmolLM2 build script puts it
 LETTERS = "BCDFGHJKLMNPQRSTVWXZ"  # one token each with a leading space; no word letters (A, I) nor vowels
 FILLER = (
     "The weather was mild this morning, so we took a long walk along the river.",
@@ -603,8 +602,8 @@ def parser():
     p = argparse.ArgumentParser(prog="recall.py", description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--quick", action="store_true", help=f"tiny counts ({QUICK}): every row end to end, the same tables")
-    a("--model", help="SmolLM2-135M-Instruct: default $PTE_SMOLLM2, else ~/.cache/smollm2-135m-instruct, else the "
-      "registry name smollm2-135m (the Hugging Face cache)")
+    a("--model", help="SmolLM2-135M-Instruct: default $PTE_SMOLLM2, else the registry name smollm2-135m "
+      "(the Hugging Face cache)")
     a("--out", type=Path, help=f"run folder; its ledger.json resumes the study (default {FULL['out']}, --quick: "
       f"{QUICK['out']})")
     a("--plots", type=Path, help="where the SVG plots go (default --out)")
@@ -652,8 +651,7 @@ def parse(argv):
 
 def load(name):
     """The model and tokenizer, or an exit that says how to get them."""
-    name = name or os.environ.get("PTE_SMOLLM2") or (str(BUILT) if (BUILT / "config.json").exists()
-                                                      else "smollm2-135m")
+    name = name or os.environ.get("PTE_SMOLLM2") or "smollm2-135m"
     try:
         net, tokenizer = models.load(name), models.load_tokenizer(name)
         family = data.chat_family(models.resolve(name))
