@@ -220,8 +220,9 @@ def evict_and_fold(model, encoder, cache, cores, t, event, ratios):
 def feed(model, adapter, cache, t, token, cores):
     """Thought token t of every row, token (B,), through the cache -> the last hidden states (B, d). Eager: it
     attends over the slots filled so far; a static cache: over every slot."""
-    cache.write_thought(t, cache.lens + t)
-    return model.hidden(token[:, None], (cache.lens + t)[:, None], cache, adapter, cores)[:, -1]
+    pos = cache.lens + t  # (B,) each row's absolute position of thought t
+    cache.write_thought(t, pos)
+    return model.hidden(token[:, None], pos[:, None], cache, adapter, cores)[:, -1]
 
 
 def next_logits(model, adapter, cache, cores, t, token, temperature, step=None):
@@ -291,7 +292,7 @@ def _run_compiled(compiled, model, adapter, cache, t, token, cores):
         for x in (cache.k, cache.v, cache.pos):
             torch._dynamo.mark_static_address(x)
         torch.compiler.cudagraph_mark_step_begin()  # the last step's output is consumed: its memory may be reused
-    cores = None if cores is None else cores.contiguous()  # S(0) comes expanded over the rows: one layout
+    cores = None if cores is None else cores.contiguous()  # a no-op for generate's own cores
     # k, v (L, B, Hkv, S, D), pos (B, S), lens, windows, token (B,), cores (L, B, r, r). The batch is unbacked (one
     # symbol across the tensors, never specialised, not to 1 either); the slots (always more than 4) are dynamic
     for x, batch, slots in ((cache.k, 1, 3), (cache.v, 1, 3), (cache.pos, 0, 1), (cache.lens, 0, None),
@@ -334,6 +335,7 @@ def generate(model, prompts, policy: CachePolicy, sampling: Sampling, adapter=No
     out, ratios = Transcript.empty(B, max_new, pad_id, device), []
     with packed_weights(model):  # CPU fp32: a second, blocked copy of the weights while decoding
         cores = adapter.initial_cores(B) if adapter is not None else None
+        cores = None if cores is None else cores.contiguous()  # S(0) comes expanded over the rows: one copy, here
         t0 = time.perf_counter()
         logits = prefill(model, adapter, cores, cache, prompts, pad_id, temperature, prefill_rows)  # (B, V)
         for t in range(max_new):

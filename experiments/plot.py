@@ -6,7 +6,6 @@ wraps them; every number is rounded to 0.1 px.
     python experiments/plot.py [--out docs/pte-cache.svg] [--window 8] [--evict 0.25] [--tokens 22]   the diagram
 """
 import argparse
-import json
 import math
 from html import escape
 import sys
@@ -121,15 +120,6 @@ def bar_chart(rows, title):
 def smooth(ys, k):
     """Trailing mean over k points (the reward of one step is a noisy estimate)."""
     return [sum(ys[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(ys))]
-
-
-def reward_curve(run):
-    """run/metrics.jsonl (train.py's log) -> run/reward.svg: the rollouts' mean reward per step and its 10-step mean."""
-    run = Path(run)
-    rewards = [r["reward"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
-    steps = list(range(1, len(rewards) + 1))
-    return save(line_chart([("per step", steps, rewards), ("10-step mean", steps, smooth(rewards, 10))],
-                           f"Reward of the rollouts: {run.name}", "step", "reward", ylim=(0, 1)), run / "reward.svg")
 
 
 def save(svg, path):

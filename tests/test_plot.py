@@ -1,6 +1,5 @@
 """plot.py: the SVG it writes parses, puts the data where the axes say (bars and whiskers where the values say), and
 the cache diagram shows what the cache holds."""
-import json
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
@@ -65,15 +64,6 @@ def test_bar_chart_scales_bars_and_whiskers():
 def test_nice_ticks():
     assert plot.nice_ticks(0, 1) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert plot.nice_ticks(1, 300) == [50, 100, 150, 200, 250, 300]
-
-
-def test_reward_curve_of_a_run(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(step=i + 1, reward=r)) + "\n"
-                                                    for i, r in enumerate([0, 1, 0, 1])))
-    svg = plot.reward_curve(tmp_path).read_text()
-    left, top, right, bottom = frame(svg)
-    assert [y for _, y in points(svg, "per step")] == [bottom, top, bottom, top]
-    assert points(svg, "10-step mean")[3][1] == (top + bottom) / 2  # mean of 0, 1, 0, 1
 
 
 def ring_contents(prompt, window, m, n_tokens):

@@ -4,10 +4,11 @@ resume, and the mechanism: distilled PTE recalls digits the bare window cannot."
 import json
 
 import pytest
+import recall as R
 import torch
 
 import model as M
-import recall as R
+from eval import token_kl
 from rollout import CachePolicy, score
 
 
@@ -70,6 +71,9 @@ def test_teacher_is_the_full_cache_and_the_window_departs_after_its_first_evicti
     assert window.evictions == [[8, 12, 16], [8, 12, 16]]  # every row evicts on the schedule of the padded length
     kl = score(net, window, cache, None, use_checkpoint=False, token_fn=R.kl_to_teacher(net, hidden))
     assert kl[:, :task.window + 1].abs().max() < 1e-5 and (kl[:, task.window + 1:] > 1e-4).any()
+    with torch.no_grad():  # eval.py's KL, whose teacher is its own full-cache replay: the same values
+        reference = token_kl(net, window, cache)
+    assert torch.allclose(kl[window.mask], reference[window.mask], atol=1e-5)
     record = R.evaluate(net, None, task, [(texts, window, cache, hidden)])
     assert record["other_n"] == [20 - 9 - 1, 17 - 9 - 1]  # thoughts 9 .. end, less the recalled digit
     assert record["digit_kl"] == pytest.approx(kl[:, 12].tolist(), abs=1e-6)
