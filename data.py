@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from model import read_json
+
 SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 TEMPLATES = {  # family -> its chat template rendered for one user message `{}` with add_generation_prompt=True
     "qwen2.5": "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
@@ -370,20 +372,6 @@ def file_value(action, value):
         raise argparse.ArgumentTypeError(f"invalid {action.type.__name__} value {value!r}") from None
     if action.choices and value not in action.choices:
         raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, action.choices))}, got {value!r}")
-    return value
-
-
-def read_json(path):
-    """The JSON object of a file; a missing, malformed or non-object file is named."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
-        raise ValueError(f"{path}: malformed JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
 
 

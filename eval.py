@@ -180,7 +180,7 @@ def parser():
 def with_adapter_defaults(p, args):
     """--policy, --cache and --evict left unset take the adapter's (as it was trained, through the flags' checks), else
     full, 1024 and 0.25. Warns when the adapter was trained on another model than --model."""
-    meta = data.read_json(Path(args.adapter) / "adapter.json") if args.adapter else {}
+    meta = models.read_json(Path(args.adapter) / "adapter.json") if args.adapter else {}
     trained = meta.get("settings") or {}
     if args.adapter and not args.policy and "policy" not in meta:
         raise ValueError(f"{args.adapter}/adapter.json records no policy: pass --policy")

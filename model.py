@@ -336,23 +336,26 @@ def resolve(name_or_path) -> Path:
                             f"(or pass the path of a Hugging Face folder holding config.json and *.safetensors)")
 
 
-def _read_json(path: Path) -> dict:
-    if not path.exists():
+def read_json(path) -> dict:
+    """The JSON object of a file; a missing, malformed or non-object file is named."""
+    path = Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def read_config(folder: Path) -> ModelConfig:
-    cfg = config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
+    cfg = config_from_hf(read_json(folder / "config.json"), str(folder / "config.json"))
     gen = folder / "generation_config.json"
     if gen.exists():  # instruct models stop on more ids than config.json names (Qwen2.5: <|im_end|> and <|endoftext|>)
-        generation = _read_json(gen)
-        if not isinstance(generation, dict):
-            raise ValueError(f"{gen}: expected a JSON object, got {type(generation).__name__}")
-        cfg.eos_ids = tuple(dict.fromkeys((*cfg.eos_ids, *eos_ids(generation.get("eos_token_id"), str(gen)))))
+        extra = eos_ids(read_json(gen).get("eos_token_id"), str(gen))
+        cfg.eos_ids = tuple(dict.fromkeys((*cfg.eos_ids, *extra)))
     return cfg
 
 
@@ -361,7 +364,7 @@ def read_safetensors(folder: Path) -> dict:
     from safetensors import safe_open
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        files = sorted(set(read_json(index).get("weight_map", {}).values()))
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -380,20 +383,9 @@ def read_safetensors(folder: Path) -> dict:
     return tensors
 
 
-def load(name_or_path, dtype=None, device="cpu", random_weights=False) -> Transformer:
-    """A model by registry name or Hugging Face folder. dtype default: the checkpoint's on GPU, fp32 on CPU.
-    random_weights=True builds a registry model at its real shapes with random weights (benchmarks; no download)."""
+def load(name_or_path, dtype=None, device="cpu") -> Transformer:
+    """A model by registry name or Hugging Face folder. dtype default: the checkpoint's on GPU, fp32 on CPU."""
     device = torch.device(device)
-    if random_weights:
-        if REGISTRY.get(name_or_path, (None, None))[1] is None:
-            raise ValueError("random weights need a registry name with known shapes: "
-                             f"{', '.join(k for k, v in REGISTRY.items() if v[1])}")
-        with torch.device(device):
-            torch.manual_seed(0)
-            model = Transformer(config_from_hf(REGISTRY[name_or_path][1])).to(dtype or torch.bfloat16)
-            for p in model.parameters():
-                nn.init.normal_(p, std=0.02) if p.dim() > 1 else nn.init.ones_(p)
-        return model.eval().requires_grad_(False)
     folder = resolve(name_or_path)
     cfg = read_config(folder)
     tensors = {k.removeprefix("model."): v for k, v in read_safetensors(folder).items() if "rotary_emb" not in k}

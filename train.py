@@ -49,7 +49,8 @@ from data import Stop, device_name, number
 from encoder import TARGETS, Adapter, AdapterConfig, load_adapter, param_groups, save_adapter, trainable
 from eval import evaluate, token_kl
 from grpo import LossConfig, group_advantages, grpo_loss
-from model import ONEDNN, REGISTRY, Transformer, config_from_hf, load, load_tokenizer, read_config, resolve
+from model import (ONEDNN, REGISTRY, Transformer, config_from_hf, load, load_tokenizer, read_config, read_json,
+                   resolve)
 from rollout import LOGIT_CHUNK, CachePolicy, Rollout, Sampling, generate, score
 
 PAPER_DEFAULTS = dict(policy="pte", cache=1024, evict=0.25, rank=32, globals=32, targets="q,k,v,o", lr=1e-5,
@@ -178,7 +179,7 @@ def model_defaults(p, builtin, name):
     """The train_defaults.json of the model's folder ({} without one): flag names (with _) to values."""
     try:
         path = resolve(name) / "train_defaults.json"
-        return from_file(p, builtin, path, data.read_json(path)) if path.exists() else {}
+        return from_file(p, builtin, path, read_json(path)) if path.exists() else {}
     except (ValueError, FileNotFoundError) as e:
         p.error(f"--model: {e}")
 
@@ -189,7 +190,7 @@ def resumed_settings(p, builtin, run: Path, given):
     if not path.is_file():
         p.error(f"--resume {run}: no settings.json there: not a run folder of train.py")
     try:
-        settings = from_file(p, builtin, path, data.read_json(path), RECORDS)
+        settings = from_file(p, builtin, path, read_json(path), RECORDS)
     except ValueError as e:
         p.error(str(e))
     if not isinstance(settings.get("resumed", []), list):
@@ -1009,7 +1010,7 @@ def plan_model(name):
     if REGISTRY.get(name, (None, None))[1] is not None:
         return config_from_hf(REGISTRY[name][1]), 2  # the registry's models ship in bf16
     folder = resolve(name)
-    hf = json.loads((folder / "config.json").read_text())
+    hf = read_json(folder / "config.json")
     return read_config(folder), 4 if (hf.get("torch_dtype") or hf.get("dtype")) == "float32" else 2
 
 

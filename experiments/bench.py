@@ -224,9 +224,10 @@ def child(s):
     cuda = s["device"].startswith("cuda")
     if s["impl"] == "transformers":
         loaded = load_hf(s)
+    elif s["random"]:
+        loaded = random_model(s["model"], getattr(torch, s["dtype"]), s["device"])
     else:
-        loaded = model.load(s["model"], dtype=getattr(torch, s["dtype"]), device=s["device"],
-                            random_weights=s["random"])
+        loaded = model.load(s["model"], dtype=getattr(torch, s["dtype"]), device=s["device"])
     reset_peak_memory(torch.device(s["device"]))
     unique = {p.data_ptr(): p for p in loaded.parameters()}.values()  # tied embeddings once
     out = dict(weight_bytes=sum(p.numel() * p.element_size() for p in unique),

@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import model  # noqa: E402
 from data import DAPO_WRAP, KNOWN, chat_family, format_prompt, read_problems, resolve_data  # noqa: E402
 
 SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -496,11 +497,11 @@ def test_read_json_names_the_file(tmp_path):
     for text, message in (("{", "x.json: malformed JSON"), ("[1]", "x.json: expected a JSON object, got list")):
         path.write_text(text)
         with pytest.raises(ValueError, match=re.escape(message)):
-            data.read_json(path)
+            model.read_json(path)
     with pytest.raises(FileNotFoundError, match="y.json not found"):
-        data.read_json(tmp_path / "y.json")
+        model.read_json(tmp_path / "y.json")
     path.write_text('{"a": 1}')
-    assert data.read_json(path) == {"a": 1}
+    assert model.read_json(path) == {"a": 1}
 
 
 def test_only_writer_holds_a_folder(tmp_path):

@@ -262,6 +262,7 @@ def test_one_writer_and_a_clean_stop(tmp_path, signum, code):
     deadline = time.time() + 120
     while not (out / "samples.jsonl.part").exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.1)
+    assert first.poll() is None, first.communicate()[1][-2000:]  # still running: it holds the lock
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert second.returncode == 2 and (f"eval.py: error: --out {out} is in use by another process (PID {first.pid})"
                                        in second.stderr), second.stderr[-2000:]
