@@ -357,6 +357,20 @@ def device_name(text):
     return text
 
 
+def ranks():
+    """(world size, this process's rank): torchrun's, else (1, 0)."""
+    return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+
+
+def run_device(name):
+    """The torch.device of a --device value (auto: cuda where there is one); under torchrun, cuda is the rank's own
+    GPU."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and ranks()[0] > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
 def file_value(action, value):
     """A value read from a file (train_defaults.json, settings.json, adapter.json) through the checks of its flag's
     argparse `action`: its type and range, its choices, true or false for an on/off flag."""

@@ -230,7 +230,7 @@ def run(p, args, argv):
             raise ValueError(f"{name}: every prompt leaves fewer than {MIN_THOUGHT_SLOTS} thought slots at "
                              f"--cache {args.cache}")
     with claim(out):
-        device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+        device = data.run_device(args.device)
         net = models.load(args.model, None if args.dtype == "auto" else getattr(torch, args.dtype), device)
         adapter = load_adapter(args.adapter, net.config, device) if args.adapter else None
         if "pte" in names and (adapter is None or not adapter.encodes):

@@ -45,7 +45,7 @@ from tqdm import tqdm
 import data
 import grade
 from cache import MIN_THOUGHT_SLOTS, evict_count
-from data import Stop, device_name, number
+from data import Stop, device_name, number, ranks, run_device
 from encoder import TARGETS, Adapter, AdapterConfig, load_adapter, param_groups, save_adapter, trainable
 from eval import evaluate, token_kl
 from grpo import LossConfig, group_advantages, grpo_loss
@@ -638,21 +638,13 @@ class Batch:
     rewards: torch.Tensor  # (rows,)
 
 
-def run_device(args):
-    """--device (auto: cuda where there is one); under torchrun, cuda is the rank's own GPU."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
-
-
 def set_up(args, problems, stop):
     """Set-up: the device and the process group, the checkpoint to resume (before the model loads: a run that stopped
     before its first one starts at step 0), the logs trimmed to it, settings.json, then the model and the learner."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    world, rank = ranks()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, mode = run_device(args), adapter_mode(args.policy)
+    device, mode = run_device(args.device), adapter_mode(args.policy)
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -1026,7 +1018,7 @@ def plan_settings(args, device, dtype_bytes, longest_prompt=None, shortest_promp
     return MemorySettings(
         policy=args.policy, objective=args.objective, cache=args.cache, evict=args.evict, max_new=args.max_new,
         longest_prompt=longest_prompt or args.cache - MIN_THOUGHT_SLOTS, shortest_prompt=shortest_prompt,
-        rows=args.prompts_per_step * args.group // int(os.environ.get("WORLD_SIZE", 1)),
+        rows=args.prompts_per_step * args.group // ranks()[0],
         rollout_rows=args.rollout_batch or args.prompts_per_step * args.group, prefill_rows=args.prefill_rows,
         micro_batch=args.micro_batch, checkpoint=args.checkpoint, truncate=args.truncate, beta=args.beta,
         adapter=AdapterConfig(adapter_mode(args.policy), args.rank, args.alpha, args.globals, args.targets.split(",")),
@@ -1071,7 +1063,7 @@ def check_memory(args, prompt_lens=None):
     """--plan: print the plan for these flags, for this machine's device or a cuda device of --plan GiB. A run (its
     prompts' lengths given): refuse it when its plan exceeds the device's memory, naming the flag to change. Either
     way before anything is written or loaded."""
-    device = torch.device("cuda") if args.plan not in (None, True) else run_device(args)
+    device = torch.device("cuda") if args.plan not in (None, True) else run_device(args.device)
     memory = args.plan * 2**30 if args.plan not in (None, True) else device_memory(device)
     cfg, dtype_bytes = plan_model(args.model)
     s = plan_settings(args, device, dtype_bytes, *((max(prompt_lens), min(prompt_lens)) if prompt_lens else ()))
@@ -1149,7 +1141,7 @@ def main(argv=None):
     """train.py's command line: every value checked, the data loaded and checked, the run folder claimed (one writer),
     then the run. SIGINT (Ctrl-C) or SIGTERM stop it with a checkpoint of the last completed step and exit 130 or 143
     after printing the command that continues it."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    world, rank = ranks()
     with data.stop_on_signals() as stop, ExitStack() as held:
         try:
             args = parse_args(argv)
