@@ -307,19 +307,10 @@ def make_problems(n, seed):
             for i, (p, t) in enumerate(zip(prompt.tolist(), trace.tolist()))]
 
 
-def training_problems(seed):
-    """The data set toy-train (data.GENERATED): 20,000 problems drawn from the run's seed, a pool that does not
-    depend on --steps."""
-    return make_problems(20_000, seed)
-
-
-def held_out_problems(seed=None):
-    """The data set toy-eval: 4,096 problems from EVAL_SEED whatever the run's seed; the first n of them are
-    make_problems(n, EVAL_SEED)."""
-    return make_problems(4096, EVAL_SEED)
-
-
-GENERATED = {"toy-train": training_problems, "toy-eval": held_out_problems}  # made in memory from the run's seed
+# the toy's data sets, made in memory: toy-train 20,000 problems from the run's seed (a pool that does not depend on
+# --steps), toy-eval 4,096 from EVAL_SEED whatever the run's seed (its first n are make_problems(n, EVAL_SEED))
+GENERATED = {"toy-train": lambda seed: make_problems(20_000, seed),
+             "toy-eval": lambda seed: make_problems(4096, EVAL_SEED)}
 
 
 # ---------------------------------------------------------------------------------------------------- command lines
