@@ -11,7 +11,7 @@ Prompt (the Qwen2.5-Math CoT convention): the template around one user message
 Departures: the hub copies of the sets (KNOWN) may differ in a few rows from other mirrors of them; aime_train from
 the hub (AIME 1983-2024) loses its 2024 rows, which are the aime24 eval set.
 The command lines' helpers (the last section): argparse types whose checks also serve values read from files,
-JSON files read with errors that name them, one writer a folder (an OS lock), and stopping on SIGINT or SIGTERM.
+torchrun's ranks and the device, one writer a folder (an OS lock), and stopping on SIGINT or SIGTERM.
 """
 import argparse
 import csv

@@ -354,8 +354,7 @@ def read_config(folder: Path) -> ModelConfig:
     cfg = config_from_hf(read_json(folder / "config.json"), str(folder / "config.json"))
     gen = folder / "generation_config.json"
     if gen.exists():  # instruct models stop on more ids than config.json names (Qwen2.5: <|im_end|> and <|endoftext|>)
-        extra = eos_ids(read_json(gen).get("eos_token_id"), str(gen))
-        cfg.eos_ids = tuple(dict.fromkeys((*cfg.eos_ids, *extra)))
+        cfg.eos_ids = tuple(dict.fromkeys((*cfg.eos_ids, *eos_ids(read_json(gen).get("eos_token_id"), str(gen)))))
     return cfg
 
 
