@@ -36,6 +36,7 @@ Cost (counted in tests/test_rollout.py): each layer runs 3 forwards per segment 
 forward, the segment's recompute, the layer's recompute (plus the 2 backward matmuls of each forward's linears).
 On the CPU in fp32, `generate` holds a second, blocked copy of the weights while it decodes (model.packed_weights).
 """
+import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -262,6 +263,10 @@ def compiled_step(model, adapter):
     it fails, one warning says why, and the step runs eagerly from then on (the same tokens: a partial step's
     writes are written again)."""
     if getattr(model, "compile_error", None):
+        return None
+    if "shape_id" not in inspect.signature(torch._dynamo.decorators.mark_unbacked).parameters:
+        _compile_failed(model, RuntimeError(f"torch {torch.__version__}: the batch dimension shared by the step's "
+                                            "tensors needs torch 2.11 or later"))
         return None
     cuda = model.embed_tokens.weight.device.type == "cuda"
     options = dict(fullgraph=True, dynamic=False, **(dict(mode="reduce-overhead") if cuda else {}))

@@ -5,6 +5,7 @@ slot attended under the mask, the step an index tensor) is checked without compi
 fails fast. CPU only here: the CUDA graphs of mode reduce-overhead run where bench.py --gpu runs. The assertions
 about compiles name the torch version they ran on."""
 import dataclasses
+import inspect
 import warnings
 
 import pytest
@@ -17,6 +18,10 @@ from rollout import CachePolicy, Sampling, generate
 
 # a compiled step that fell back to eager would give eager's tokens: here that is an error, unless a test expects it
 pytestmark = pytest.mark.filterwarnings("error:the compiled decode step failed:RuntimeWarning")
+
+# torch before 2.11 cannot mark one batch dimension across tensors (mark_unbacked's shape_id): generate decodes eagerly
+compiles = pytest.mark.skipif("shape_id" not in inspect.signature(torch._dynamo.decorators.mark_unbacked).parameters,
+                              reason=f"torch {torch.__version__}: the compiled decode step needs torch 2.11 or later")
 
 # rows of different lengths: per-row windows W_i = budget - len_i and per-row eviction schedules
 TOY_PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 10, 11, 12], [1, 13, 14, 15, 16, 17, 18, 19]]
@@ -46,6 +51,7 @@ def assert_same(eager, compiled):
     torch.testing.assert_close(compiled.logprobs, eager.logprobs, rtol=0, atol=1e-4)  # fp32, fused in other orders
 
 
+@compiles
 @pytest.mark.parametrize("policy", ["full", "window", "pte"])
 def test_static_step_equals_eager_without_compiling(monkeypatch, policy):
     """decode_step run eagerly (torch.compile made the identity): attending over every slot under the mask, with the
@@ -58,6 +64,7 @@ def test_static_step_equals_eager_without_compiling(monkeypatch, policy):
     assert_same(eager, static)
 
 
+@compiles
 def test_compiled_toy_equals_eager_one_graph():
     """The real compile (inductor on the CPU): pte with evictions folded between steps, sampled at temperature 1.
     One graph for the whole call: a Python int that changes per step (the step, a slot count) would recompile."""
@@ -71,6 +78,7 @@ def test_compiled_toy_equals_eager_one_graph():
     assert compiled.stats["first_step_s"] > 0 and eager.stats["first_step_s"] is None
 
 
+@compiles
 @pytest.mark.slow
 def test_smollm2_compiled_equals_eager(smol):
     """SmolLM2's real weights (9 query heads on 3 KV heads, Llama RoPE), greedy, a window that evicts. Its first 2
@@ -96,6 +104,7 @@ def counting_compile(monkeypatch):
     return graphs
 
 
+@compiles
 def test_no_recompile_across_calls(monkeypatch):
     """One graph a variant (with the thought encoder, with a plain LoRA, without an adapter), whatever the batch
     size (1 included, and 2, the number of KV heads and of layers), the prompt lengths or the budget; the tokens
@@ -116,6 +125,7 @@ def test_no_recompile_across_calls(monkeypatch):
                                                             f"compiled {len(graphs)} graphs")
 
 
+@compiles
 @pytest.mark.parametrize("when", ["creation", "first call", "later call"])
 def test_a_failing_compiler_falls_back_to_eager(monkeypatch, when):
     """torch.compile that fails when the step is created, compiled at its first call, or run later: one warning
@@ -146,3 +156,15 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch, when):
         warnings.simplefilter("error")
         again = generate(toy, TOY_PROMPTS, policy, Sampling(30, eos_ids=[], pad_id=0), adapter, compile=True)
     assert torch.equal(again.tokens, eager.tokens) and len(calls) == {"creation": 0, "first call": 1}.get(when, 6)
+
+
+def test_a_torch_without_shape_id_decodes_eagerly(monkeypatch):
+    """torch before 2.11 (mark_unbacked without shape_id): one warning that names the version it needs and
+    --no-compile, and eager's tokens."""
+    toy, adapter, policy = M.load("toy"), None, CachePolicy("window", 16)
+    eager = generate(toy, TOY_PROMPTS, policy, Sampling(20, eos_ids=[], pad_id=0), adapter, compile=False)
+    monkeypatch.setattr(torch._dynamo.decorators, "mark_unbacked", lambda t, index, hint_override=None: None)
+    needs = r"step failed \(RuntimeError: torch .*needs torch 2.11 or later\).*--no-compile"
+    with pytest.warns(RuntimeWarning, match=needs):
+        old = generate(toy, TOY_PROMPTS, policy, Sampling(20, eos_ids=[], pad_id=0), adapter, compile=True)
+    assert torch.equal(old.tokens, eager.tokens)
