@@ -565,11 +565,15 @@ def update(objective, optimizer, ro, adv, args, world, agree=lambda *flags: flag
     segment, which DDP's hooks refuse: there they are summed by hand. The first pass's log-probs are the "old" ones of
     every later epoch; their distance to generate's is the sampler-learner gap. `agree(*flags)` is where the ranks
     meet: before each micro-batch, and before each optimizer step with the flag "loss or gradient norm not finite",
-    which skips it and those after it (stats["skipped"])."""
+    which skips it and those after it (stats["skipped"]). The loss is a mean over all the step's tokens, so each
+    token's gradient is about 1 / tokens (1e-6 at the paper's step), which an fp16 model's activations flush to zero:
+    backward runs on the loss times `scale`, a power of two near the token count (exact in binary floats: fp32 and
+    bf16 get the very same gradients), and the gradients are divided by it before clipping."""
     counts = torch.tensor([ro.mask.shape[0], ro.mask.sum()], dtype=torch.float64, device=ro.mask.device)
     if world > 1:
         dist.all_reduce(counts)
     n_rows, n_tokens = counts.tolist()
+    scale = 2.0 ** round(math.log2(max(n_tokens, 1)))
     chunks = torch.arange(ro.mask.shape[0], device=ro.mask.device).split(args.micro_batch)
     params = trainable(objective.module.adapter if world > 1 else objective.adapter)
     old, gaps, stats, norms, skipped = [None] * len(chunks), [], [], [], False
@@ -580,16 +584,18 @@ def update(objective, optimizer, ro, adv, args, world, agree=lambda *flags: flag
             sync = nullcontext() if world == 1 or (i == len(chunks) - 1 and not args.truncate) else objective.no_sync()
             with sync:
                 loss, s, logp = objective(part, adv[rows], old[i], n_rows, n_tokens)
-                (loss * world).backward()
+                (loss * (world * scale)).backward()
             if epoch == 0 and logp is not None:
                 old[i] = logp
                 gaps.append((logp - part.logprobs).abs()[part.mask])  # (tokens,)
             stats.append(dict(s, loss=loss.item(), rows=len(rows)))
-        if world > 1 and args.truncate:
-            for p in params:
+        for p in params:
+            if world > 1 and args.truncate:
                 p.grad = torch.zeros_like(p) if p.grad is None else p.grad
                 dist.all_reduce(p.grad)
                 p.grad /= world
+            if p.grad is not None:
+                p.grad /= scale
         norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item())
         loss = sum(s["loss"] for s in stats[-len(chunks):])
         (skipped,) = agree(float(not (math.isfinite(loss) and math.isfinite(norms[-1]))))

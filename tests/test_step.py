@@ -67,6 +67,24 @@ def test_epochs_take_that_many_steps_against_the_first_replay(toy_step):
     assert stats["clip_frac"] > 0
 
 
+def test_an_fp16_model_keeps_the_gradients_of_a_large_batch(toy_step):
+    """A token-mean loss over 90k tokens gives each token a gradient of about 1e-5 (the paper's step: 1e-6), which an
+    fp16 model's activations flush towards zero: without update's loss scaling the fp16 update is several percent off
+    the fp32 one here (and zero at the paper's step); with it, the two agree to fp16's precision."""
+    _, adapter, ro, adv = toy_step
+    n = 512  # the 8 rows, 512 times
+    big = train.Rollout(ro.prompts.repeat(n, 1), ro.prompt_lens.repeat(n), ro.tokens.repeat(n, 1),
+                        ro.logprobs.repeat(n, 1), ro.mask.repeat(n, 1), ro.truncated.repeat(n), ro.evictions * n,
+                        ro.stats)
+    moved = {}
+    for dtype in (torch.float32, torch.float16):
+        _, delta, _ = step((load("toy", dtype=dtype), adapter, big, adv.repeat(n)),
+                           lambda p: torch.optim.SGD(p, lr=1.0), "--grad-clip", "1e9", "--micro-batch", "1024")
+        moved[dtype] = torch.cat([d.flatten() for d in delta.values()])  # minus the gradient
+    error = (moved[torch.float16] - moved[torch.float32]).norm() / moved[torch.float32].norm()
+    assert int(big.mask.sum()) > 80_000 and error < 0.02, error
+
+
 def test_micro_batches_trimmed_to_their_rows_score_the_same(tiny):
     """take() cuts a micro-batch to its own longest prompt and completion; with per-row windows that changes no
     value: a short-prompt row that stopped early scores as it does in the whole batch."""
