@@ -51,6 +51,8 @@ from model import apply_rope, dense, packed_weights, rope_cos_sin, wide
 POLICIES = ("full", "window", "pte")
 LOGIT_CHUNK = 64  # positions per checkpointed lm_head + log-softmax in score: (B, 64, V) logits at most
 DONE_EVERY = 16  # generate reads whether every row has stopped once in this many steps (a host sync each time)
+# the compiled step marks one batch dimension shared by its tensors (mark_unbacked's shape_id): torch 2.11 or later
+COMPILES = "shape_id" in inspect.signature(torch._dynamo.decorators.mark_unbacked).parameters
 
 
 @dataclass
@@ -264,9 +266,8 @@ def compiled_step(model, adapter):
     writes are written again)."""
     if getattr(model, "compile_error", None):
         return None
-    if "shape_id" not in inspect.signature(torch._dynamo.decorators.mark_unbacked).parameters:
-        _compile_failed(model, RuntimeError(f"torch {torch.__version__}: the batch dimension shared by the step's "
-                                            "tensors needs torch 2.11 or later"))
+    if not COMPILES:
+        _compile_failed(model, RuntimeError(f"torch {torch.__version__}: the compiled step needs torch 2.11 or later"))
         return None
     cuda = model.embed_tokens.weight.device.type == "cuda"
     options = dict(fullgraph=True, dynamic=False, **(dict(mode="reduce-overhead") if cuda else {}))
@@ -297,7 +298,6 @@ def _run_compiled(compiled, model, adapter, cache, t, token, cores):
         for x in (cache.k, cache.v, cache.pos):
             torch._dynamo.mark_static_address(x)
         torch.compiler.cudagraph_mark_step_begin()  # the last step's output is consumed: its memory may be reused
-    cores = None if cores is None else cores.contiguous()  # a no-op for generate's own cores
     # k, v (L, B, Hkv, S, D), pos (B, S), lens, windows, token (B,), cores (L, B, r, r). The batch is unbacked (one
     # symbol across the tensors, never specialised, not to 1 either); the slots (always more than 4) are dynamic
     for x, batch, slots in ((cache.k, 1, 3), (cache.v, 1, 3), (cache.pos, 0, 1), (cache.lens, 0, None),

@@ -1007,9 +1007,9 @@ def plan_model(name):
     else the folder's config.json."""
     if REGISTRY.get(name, (None, None))[1] is not None:
         return config_from_hf(REGISTRY[name][1]), 2  # the registry's models ship in bf16
-    folder = resolve(name)
-    hf = read_json(folder / "config.json")
-    return read_config(folder), 4 if (hf.get("torch_dtype") or hf.get("dtype")) == "float32" else 2
+    path = resolve(name) / "config.json"
+    hf = read_json(path)
+    return config_from_hf(hf, str(path)), 4 if (hf.get("torch_dtype") or hf.get("dtype")) == "float32" else 2
 
 
 def plan_settings(args, device, dtype_bytes, longest_prompt=None, shortest_prompt=1):

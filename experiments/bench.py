@@ -561,7 +561,6 @@ def part_toy(s):
 
 def part_rollout(s):
     """Warm-up (compiles), a prefill alone (max_new 1), then the timed call: decode tokens/s from their difference."""
-    import inspect
     from encoder import Adapter, AdapterConfig
     from rollout import CachePolicy, Sampling, generate
     from train import MemorySettings, memory_plan, peak_memory_gb, plan_peaks, reset_peak_memory, _status_kib
@@ -574,8 +573,7 @@ def part_rollout(s):
     lengths, where = prompt_lengths(rows // group, budget)
     lengths = [k for k in lengths for _ in range(group)]
     prompts = [torch.randint(3, model.config.vocab_size, (k,)).tolist() for k in lengths]
-    chunked = "prefill_rows" in inspect.signature(generate).parameters
-    kw = dict(compile=True, **({"prefill_rows": s["prefill_rows"]} if chunked else {}))
+    kw = dict(compile=True, prefill_rows=s["prefill_rows"])
     policy, g = CachePolicy("pte", budget), torch.Generator(dev).manual_seed(0)
     weights = torch.cuda.memory_allocated() if cuda else 0
     reset_peak_memory(torch.device(dev))
@@ -587,7 +585,7 @@ def part_rollout(s):
     cfg, e = model.config, dtype.itemsize
     settings = MemorySettings(
         policy="pte", cache=budget, max_new=n, longest_prompt=max(lengths), shortest_prompt=min(lengths), rows=rows,
-        rollout_rows=rows, prefill_rows=s["prefill_rows"] if chunked else rows, adapter=AdapterConfig("pte"),
+        rollout_rows=rows, prefill_rows=s["prefill_rows"], adapter=AdapterConfig("pte"),
         optimizer=False, device="cuda" if cuda else "cpu", dtype_bytes=e, packed=not cuda and e == 4, runtime=runtime)
     plan = plan_peaks(memory_plan(cfg, settings))["rollout"]
     decode = rows * (out.stats["steps"] - 1) / max(seconds - prefill_s, 1e-9)
@@ -597,9 +595,9 @@ def part_rollout(s):
     ratio = peak / plan  # checked on cuda; the CPU's resident peak holds the compiler's own memory too
     return dict(ok=abs(ratio - 1) <= 0.25 or not cuda, peak_gib=peak / 2**30, plan_gib=plan / 2**30,
                 weights_gib=weights / 2**30, decode_tokens_per_s=decode, floor_tokens_per_s=floor,
-                compile_s=warm.stats["first_step_s"], prompts=where, prefill_rows=kw.get("prefill_rows"),
+                compile_s=warm.stats["first_step_s"], prompts=where, prefill_rows=s["prefill_rows"],
                 summary=f"{rows} rows, prompts {min(lengths)}-{max(lengths)} tokens ({where}), prefill "
-                        f"{'in chunks of ' + str(s['prefill_rows']) + ' rows' if chunked else 'of every row at once'}"
+                        f"in chunks of {s['prefill_rows']} rows"
                         f": peak {peak / 2**30:.2f} GiB, plan {plan / 2**30:.2f} GiB ({ratio:.2f}x); decode "
                         f"{decode:.0f} tok/s, {100 * decode / floor:.0f}% of the floor ({floor:.0f})")
 

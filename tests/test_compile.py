@@ -5,13 +5,13 @@ slot attended under the mask, the step an index tensor) is checked without compi
 fails fast. CPU only here: the CUDA graphs of mode reduce-overhead run where bench.py --gpu runs. The assertions
 about compiles name the torch version they ran on."""
 import dataclasses
-import inspect
 import warnings
 
 import pytest
 import torch
 
 import model as M
+import rollout
 from conftest import chatml
 from encoder import Adapter, AdapterConfig
 from rollout import CachePolicy, Sampling, generate
@@ -19,8 +19,7 @@ from rollout import CachePolicy, Sampling, generate
 # a compiled step that fell back to eager would give eager's tokens: here that is an error, unless a test expects it
 pytestmark = pytest.mark.filterwarnings("error:the compiled decode step failed:RuntimeWarning")
 
-# torch before 2.11 cannot mark one batch dimension across tensors (mark_unbacked's shape_id): generate decodes eagerly
-compiles = pytest.mark.skipif("shape_id" not in inspect.signature(torch._dynamo.decorators.mark_unbacked).parameters,
+compiles = pytest.mark.skipif(not rollout.COMPILES,
                               reason=f"torch {torch.__version__}: the compiled decode step needs torch 2.11 or later")
 
 # rows of different lengths: per-row windows W_i = budget - len_i and per-row eviction schedules
@@ -163,7 +162,7 @@ def test_a_torch_without_shape_id_decodes_eagerly(monkeypatch):
     --no-compile, and eager's tokens."""
     toy, adapter, policy = M.load("toy"), None, CachePolicy("window", 16)
     eager = generate(toy, TOY_PROMPTS, policy, Sampling(20, eos_ids=[], pad_id=0), adapter, compile=False)
-    monkeypatch.setattr(torch._dynamo.decorators, "mark_unbacked", lambda t, index, hint_override=None: None)
+    monkeypatch.setattr(rollout, "COMPILES", False)
     needs = r"step failed \(RuntimeError: torch .*needs torch 2.11 or later\).*--no-compile"
     with pytest.warns(RuntimeWarning, match=needs):
         old = generate(toy, TOY_PROMPTS, policy, Sampling(20, eos_ids=[], pad_id=0), adapter, compile=True)

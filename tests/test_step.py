@@ -68,17 +68,26 @@ def test_epochs_take_that_many_steps_against_the_first_replay(toy_step):
 
 
 def test_an_fp16_model_keeps_the_gradients_of_a_large_batch(toy_step):
-    """A token-mean loss over 90k tokens gives each token a gradient of about 1e-5 (the paper's step: 1e-6), which an
-    fp16 model's activations flush towards zero: without update's loss scaling the fp16 update is several percent off
-    the fp32 one here (and zero at the paper's step); with it, the two agree to fp16's precision."""
-    _, adapter, ro, adv = toy_step
+    """A token-mean loss over the paper's ~1.5M tokens a step gives each token a gradient of about 7e-7, which an
+    fp16 model's activations flush towards zero: a backward at that weight is far off the fp32 one. update's loss
+    scaling keeps the fp16 update to fp16's precision, here over 90k tokens (a weight of 1e-5)."""
+    model, adapter, ro, adv = toy_step
+    half = load("toy", dtype=torch.float16)
+    weights = adv[:, None] * ro.mask / 1.5e6  # (B, T): the paper's per-token weight
+    grads = []
+    for net in (model, half):
+        adapter.zero_grad(set_to_none=True)
+        (score(net, ro, CachePolicy("pte", 27), adapter, 1.0) * weights).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in trainable(adapter) if p.grad is not None]))
+    adapter.zero_grad(set_to_none=True)
+    assert (grads[1] - grads[0]).norm() / grads[0].norm() > 0.2  # unscaled: 0.53 off
     n = 512  # the 8 rows, 512 times
     big = train.Rollout(ro.prompts.repeat(n, 1), ro.prompt_lens.repeat(n), ro.tokens.repeat(n, 1),
                         ro.logprobs.repeat(n, 1), ro.mask.repeat(n, 1), ro.truncated.repeat(n), ro.evictions * n,
                         ro.stats)
     moved = {}
     for dtype in (torch.float32, torch.float16):
-        _, delta, _ = step((load("toy", dtype=dtype), adapter, big, adv.repeat(n)),
+        _, delta, _ = step((model if dtype == torch.float32 else half, adapter, big, adv.repeat(n)),
                            lambda p: torch.optim.SGD(p, lr=1.0), "--grad-clip", "1e9", "--micro-batch", "1024")
         moved[dtype] = torch.cat([d.flatten() for d in delta.values()])  # minus the gradient
     error = (moved[torch.float16] - moved[torch.float32]).norm() / moved[torch.float32].norm()
